@@ -537,18 +537,32 @@ _WINDOW_OUTPUTS = 8  # output positions per window: fewer wastes less work, more
 # Each BLAS call stays under OpenBLAS's single-thread threshold (M*N*K <= 2**18). Threads on
 # calls this small cost more than they give, badly so when other processes load the cores.
 _CALL_WORK = 1 << 18
+_F32_EXACT = 1 << 24  # integers up to 2**24 are exact in float32
 
 
 class _AxisPlan:
-    """Weights and windows to resample one axis from `in_size` to `out_size` samples."""
+    """Weights and windows to resample one axis from `in_size` to `out_size` samples.
+
+    Output x is sum_k w[x, k] * input[xmin[x] + k]. Outputs are grouped by window: window j
+    covers inputs [j * stride, j * stride + length), and output x goes to the window its first
+    tap falls in, so all its taps lie inside. `weights[j, slot, :]` holds the taps of the
+    `slot`-th output of window j; one batched matmul over a strided view of the input then
+    computes every output (plus a few unused slots, dropped by `gather`).
+
+    The weights are the int16 weights times 2**-precision, which is exact, so the matmul gives
+    S * 2**-precision for the kernel's integer sum S. How the result is rounded exactly:
+    - float32, pixels as is, when every |partial sum| + 2**(precision-1) <= 2**24: then
+      S * 2**-p + 0.5 is exact and truncating it (after clamping at 0) is the kernel's shift.
+    - float32, pixels centered (x - 128), when 128 * sum|w| + 2**p <= 2**24: the sum is then
+      S_c * 2**-p, and floor(S_c * 2**-p + frac) + whole adds back 128 * sum(w) + 2**(p-1)
+      in two exact steps (frac in [0, 1), whole an integer).
+    - float64 otherwise, pixels as is: every sum is exact far below 2**53.
+    """
 
     def __init__(self, in_size: int, out_size: int, resample: int):
         xmin, xsize, wi, precision = _int16_weights(in_size, out_size, resample)
         taps = wi.shape[1]
-        scale = in_size / out_size
-        # Window j covers inputs [j * stride, j * stride + length); output x goes to the window
-        # its first tap falls in, so every tap of x lies inside that window.
-        stride = max(1, round(_WINDOW_OUTPUTS * scale))
+        stride = max(1, round(_WINDOW_OUTPUTS * in_size / out_size))
         window = xmin // stride
         num_windows = int(window[-1]) + 1
         length = stride + taps - 1
@@ -559,19 +573,28 @@ class _AxisPlan:
         keep = np.arange(taps)[None, :] < xsize[:, None]
         rows = np.broadcast_to(np.arange(out_size)[:, None], cols.shape)
         weights[window[rows[keep]], slot[rows[keep]], cols[keep]] = wi[keep]
-        # Centering makes |partial sums| <= 128 * sum|w|; float32 is exact below 2**24.
-        exact_f32 = 128 * int(np.abs(wi).sum(axis=1).max()) <= 1 << 24
-        self.dtype = np.float32 if exact_f32 else np.float64
+        weights *= 2.0**-precision
+
+        abs_sum = int(np.abs(wi).sum(axis=1).max())
+        half = 1 << (precision - 1)
+        if 255 * abs_sum + half <= _F32_EXACT:
+            self.dtype, self.center = np.float32, 0
+        elif 128 * abs_sum + (1 << precision) <= _F32_EXACT:
+            self.dtype, self.center = np.float32, 128
+        else:
+            self.dtype, self.center = np.float64, 0
+        # The rounding constant per output, in window-slot layout (unused slots get 0).
+        offset = np.zeros(num_windows * per_window)
+        offset[window * per_window + slot] = (self.center * wi.sum(axis=1) + half) * 2.0**-precision
+        self.whole = np.floor(offset).astype(self.dtype)
+        self.frac = (offset - np.floor(offset)).astype(self.dtype)
         self.weights = weights.astype(self.dtype)  # (windows, per_window, length)
         self.weights_t = np.ascontiguousarray(self.weights.transpose(0, 2, 1))
         self.stride = stride
         self.length = length
         # Input length the windows span (zero padding past the end), at least the whole input.
         self.padded = max((num_windows - 1) * stride + length, in_size)
-        self.gather = window * per_window + slot  # output x -> row in (windows * per_window)
-        # Undo the centering and add the rounding half in one integer offset per output.
-        self.offset = (128 * wi.sum(axis=1) + (1 << (precision - 1))).astype(np.int64)
-        self.precision = precision
+        self.gather = window * per_window + slot  # output x -> its window-slot position
         self.in_size = in_size
         self.out_size = out_size
 
@@ -581,78 +604,114 @@ def _axis_plan(in_size: int, out_size: int, resample: int) -> _AxisPlan:
     return _AxisPlan(in_size, out_size, resample)
 
 
-def _finish(sums: np.ndarray, offset: np.ndarray, precision: int) -> np.ndarray:
-    """Exact integer sums (any float dtype) -> uint8, as the kernel's shift, pack and clamp."""
-    acc = sums.astype(np.int64)
-    acc += offset
-    acc >>= precision
-    np.clip(acc, 0, 255, out=acc)
-    return acc.astype(np.uint8)
+def _round_to_uint8(sums: np.ndarray, plan: _AxisPlan, axis: int) -> np.ndarray:
+    """Scaled sums in window-slot layout along `axis` -> uint8, rounded as the kernel does."""
+    shape = [1, 1]
+    shape[axis] = -1
+    if plan.center:
+        sums += plan.frac.reshape(shape)
+        np.floor(sums, out=sums)
+        sums += plan.whole.reshape(shape)
+    else:
+        sums += plan.whole.reshape(shape) + plan.frac.reshape(shape)  # == 0.5, exact
+    # Clamping then truncating equals the kernel's floor-shift and saturation to 0..255.
+    np.clip(sums, 0, 255, out=sums)
+    return np.take(sums.astype(np.uint8), plan.gather, axis=axis)
 
 
-def _centered(x: np.ndarray, dtype: type, length: int) -> np.ndarray:
-    """x (uint8, ..., n) -> float (..., length) holding x - 128, zero-padded to `length`."""
-    out = np.zeros(x.shape[:-1] + (length,), dtype)
-    out[..., : x.shape[-1]] = x
-    out[..., : x.shape[-1]] -= 128
-    return out
+def _float_input(x: np.ndarray, dtype: type, center: int, shape: tuple[int, int]) -> np.ndarray:
+    """x (uint8) copied into the top-left of a zero-padded float array of `shape`, minus center."""
+    buf = np.empty(shape, dtype)
+    rows, cols = x.shape
+    buf[:rows, :cols] = x
+    if center:
+        buf[:rows, :cols] -= center
+    buf[rows:, :] = 0
+    buf[:rows, cols:] = 0
+    return buf
 
 
-def _resample_last_axis(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
-    """Resample axis 1 of x (rows, in) uint8 -> (rows, out) uint8 (the horizontal pass)."""
+def _resample_rows(x: np.ndarray, plans: list[_AxisPlan]) -> list[np.ndarray]:
+    """Horizontal pass: resample axis 1 of x (rows, in) uint8 with each plan -> (rows, out).
+
+    The plans share the input, converted once per row chunk for each (dtype, center) needed.
+    """
     rows = x.shape[0]
-    out = np.empty((rows, plan.out_size), np.uint8)
-    per_window = plan.weights.shape[1]
-    chunk = max(1, _CALL_WORK // (plan.length * per_window))
+    outs = [np.empty((rows, plan.out_size), np.uint8) for plan in plans]
+    chunk = max(1, min(_CALL_WORK // (p.length * p.weights.shape[1]) for p in plans))
+    width = max(p.padded for p in plans)
     for r0 in range(0, rows, chunk):
-        xc = _centered(x[r0 : r0 + chunk], plan.dtype, plan.padded)
-        n, item = xc.shape[0], xc.itemsize
-        windows = as_strided(
-            xc,
-            shape=(plan.weights.shape[0], n, plan.length),
-            strides=(plan.stride * item, plan.padded * item, item),
-            writeable=False,
-        )
-        sums = np.matmul(windows, plan.weights_t)  # (windows, n, per_window)
-        sums = sums.transpose(1, 0, 2).reshape(n, -1)[:, plan.gather]
-        out[r0 : r0 + n] = _finish(sums, plan.offset, plan.precision)
-    return out
+        xr = x[r0 : r0 + chunk]
+        n = xr.shape[0]
+        converted: dict[tuple[type, int], np.ndarray] = {}
+        for plan, out in zip(plans, outs, strict=True):
+            key = (plan.dtype, plan.center)
+            if key not in converted:
+                converted[key] = _float_input(xr, plan.dtype, plan.center, (n, width))
+            buf = converted[key]
+            item = buf.itemsize
+            num_windows, per_window, _ = plan.weights.shape
+            windows = as_strided(
+                buf,
+                shape=(num_windows, n, plan.length),
+                strides=(plan.stride * item, width * item, item),
+                writeable=False,
+            )
+            sums = np.empty((n, num_windows, per_window), plan.dtype)
+            np.matmul(windows, plan.weights_t, out=sums.transpose(1, 0, 2))
+            out[r0 : r0 + n] = _round_to_uint8(sums.reshape(n, -1), plan, axis=1)
+    return outs
 
 
-def _resample_first_axis(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
-    """Resample axis 0 of x (in, cols) uint8 -> (out, cols) uint8 (the vertical pass)."""
+def _resample_columns(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
+    """Vertical pass: resample axis 0 of x (in, cols) uint8 -> (out, cols) uint8."""
     cols = x.shape[1]
     out = np.empty((plan.out_size, cols), np.uint8)
-    per_window = plan.weights.shape[1]
+    num_windows, per_window, _ = plan.weights.shape
     chunk = max(1, _CALL_WORK // (plan.length * per_window))
     for c0 in range(0, cols, chunk):
-        xc = _centered(x[:, c0 : c0 + chunk].T, plan.dtype, plan.padded).T
-        n, item = xc.shape[1], xc.itemsize
+        xc = x[:, c0 : c0 + chunk]
+        n = xc.shape[1]
+        buf = _float_input(xc, plan.dtype, plan.center, (plan.padded, n))
+        item = buf.itemsize
         windows = as_strided(
-            xc,
-            shape=(plan.weights.shape[0], plan.length, n),
-            strides=(plan.stride * item, item, plan.padded * item),
+            buf,
+            shape=(num_windows, plan.length, n),
+            strides=(plan.stride * n * item, n * item, item),
             writeable=False,
         )
         sums = np.matmul(plan.weights, windows)  # (windows, per_window, n)
-        sums = sums.reshape(-1, n)[plan.gather]
-        out[:, c0 : c0 + n] = _finish(sums, plan.offset[:, None], plan.precision)
+        out[:, c0 : c0 + n] = _round_to_uint8(sums.reshape(-1, n), plan, axis=0)
     return out
 
 
-def resize_planes(planes: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
-    """Resize (C, H, W) uint8 planes to (C, height, width), bit-equal to torchvision's
-    `resize(..., antialias=True)` on uint8 CPU tensors. resample: 2 bilinear, 3 bicubic."""
+def resize_planes_many(
+    planes: np.ndarray, sizes: list[tuple[int, int]], resample: int = 3
+) -> list[np.ndarray]:
+    """Resize (C, H, W) uint8 planes to each (height, width) in `sizes`, bit-equal to
+    torchvision's `resize(..., antialias=True)` on uint8 CPU tensors (2 bilinear, 3 bicubic).
+
+    Several sizes of one image share the conversion work of the horizontal pass.
+    """
     channels, in_h, in_w = planes.shape
-    x = planes
-    if width != in_w:
-        flat = x.reshape(channels * in_h, in_w)
-        x = _resample_last_axis(flat, _axis_plan(in_w, width, resample))
-        x = x.reshape(channels, in_h, width)
-    if height != in_h:
-        plan = _axis_plan(in_h, height, resample)
-        x = np.stack([_resample_first_axis(x[c], plan) for c in range(channels)])
-    return x
+    widths = sorted({w for _, w in sizes if w != in_w})
+    flat = planes.reshape(channels * in_h, in_w)
+    passes = _resample_rows(flat, [_axis_plan(in_w, w, resample) for w in widths]) if widths else []
+    by_width = {w: p.reshape(channels, in_h, w) for w, p in zip(widths, passes, strict=True)}
+    by_width[in_w] = planes
+    results = []
+    for height, width in sizes:
+        x = by_width[width]
+        if height != in_h:
+            plan = _axis_plan(in_h, height, resample)
+            x = np.stack([_resample_columns(x[c], plan) for c in range(channels)])
+        results.append(x)
+    return results
+
+
+def resize_planes(planes: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
+    """Resize (C, H, W) uint8 planes to (C, height, width); see `resize_planes_many`."""
+    return resize_planes_many(planes, [(height, width)], resample)[0]
 
 
 def resize(image: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
@@ -776,16 +835,15 @@ class ImageProcessor:
 
     @staticmethod
     def _views(planes: np.ndarray, layout: ImageLayout, resample: int) -> list[np.ndarray]:
-        resized = resize_planes(planes, *layout.resized, resample)
+        sizes = [layout.resized] + ([layout.thumbnail] if layout.thumbnail else [])
+        resized, *thumbnail = resize_planes_many(planes, sizes, resample)
         tile_h, tile_w = layout.resized[0] // layout.rows, layout.resized[1] // layout.cols
         views = [
             resized[:, r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w]
             for r in range(layout.rows)
             for c in range(layout.cols)
         ]
-        if layout.thumbnail:
-            views.append(resize_planes(planes, *layout.thumbnail, resample))
-        return views
+        return views + thumbnail
 
     def num_image_tokens(self, height: int, width: int, **overrides: Any) -> list[int]:
         """`<image>` tokens per view for an image of height x width, without any pixel work."""
