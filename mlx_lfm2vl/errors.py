@@ -1,0 +1,9 @@
+"""The one exception type for errors a user can cause and fix."""
+
+
+class Lfm2VlError(Exception):
+    """A user-facing error: bad input, a missing file, a wrong model folder, an unknown option.
+
+    Its message says what went wrong and how to fix it. The command line prints it as one line on
+    stderr; apps catch this type to tell user mistakes from bugs.
+    """

@@ -1,0 +1,185 @@
+"""Find a checkpoint, read its weights, build the model.
+
+A checkpoint is a local folder or a Hugging Face hub id, in the published HF layout (safetensors,
+sharded or not, bf16/fp16/fp32) or in the layout this project's converter writes (MLX parameter
+names, optionally quantized, with a `quantization` section in config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .errors import Lfm2VlError
+from .models.lfm2_vl import Lfm2VlModel
+
+# What a hub download fetches: configs, weights, tokenizer and chat template; no PyTorch .bin files.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+
+
+def resolve_model_path(path_or_id: str | Path) -> Path:
+    """A local checkpoint folder, downloading (or reusing the cached copy of) a hub id if needed."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise Lfm2VlError(
+            f"{name!r} is neither a checkpoint folder nor a hub id like 'LiquidAI/LFM2-VL-450M': "
+            "pass the path of a folder that holds config.json and *.safetensors"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except HFValidationError as e:
+        raise Lfm2VlError(f"{name!r} is not a valid hub id ({e}); pass a local folder") from None
+    except Exception as e:  # offline, not found, gated, network errors: all mean "not available"
+        raise Lfm2VlError(
+            f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If you have the checkpoint on disk, pass its folder instead, e.g. "
+            "--model /path/to/LFM2-VL-450M (a folder with config.json and *.safetensors)"
+        ) from None
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint folder, checked against its shard index when there is one."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+        shard_names = sorted(set(index["weight_map"].values()))
+        missing = [name for name in shard_names if not (folder / name).exists()]
+        if missing:
+            raise Lfm2VlError(
+                f"{folder} is incomplete: shard(s) {', '.join(missing)} listed in "
+                f"{index_file.name} are missing; download or convert the checkpoint again"
+            )
+        shards = [folder / name for name in shard_names]
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise Lfm2VlError(f"no *.safetensors in {folder}: is this a checkpoint folder?")
+    weights: dict[str, mx.array] = {}
+    for shard in shards:
+        try:
+            weights.update(mx.load(str(shard)))
+        except Exception as e:
+            raise Lfm2VlError(
+                f"cannot read {shard} ({e}): the file is damaged or incomplete; download or "
+                "convert the checkpoint again"
+            ) from None
+    return weights
+
+
+def hf_to_mlx_name(name: str) -> str:
+    """Map a checkpoint tensor name to this port's parameter name.
+
+    Accepts the current layout (`model.language_model.*`, `model.vision_tower.*`,
+    `model.multi_modal_projector.*`, `lm_head.*`), the one transformers 4.x saved, with
+    `vision_tower.vision_model.*`, and the Aug-2025 remote-code layout (`language_model.model.*`,
+    `language_model.lm_head.*`, `vision_tower.vision_model.*`). Converted MLX folders already use
+    the port's names, which pass through unchanged.
+    """
+    name = name.removeprefix("model.")
+    if name.startswith("language_model.lm_head."):
+        return name.removeprefix("language_model.")
+    if name.startswith("language_model.model."):
+        name = "language_model." + name.removeprefix("language_model.model.")
+    return name.replace("vision_tower.vision_model.", "vision_tower.", 1)
+
+
+def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Checkpoint tensors -> this port's parameters (names and layouts)."""
+    out = {}
+    for name, value in weights.items():
+        name = hf_to_mlx_name(name)
+        if name.startswith("multi_modal_projector.layer_norm.") and not (
+            config.projector_use_layernorm
+        ):
+            continue  # published repos ship these unused weights; the reference ignores them too
+        if name == "lm_head.weight" and config.text.tie_word_embeddings:
+            continue  # tied: the head is the embedding matrix
+        if name.endswith("conv.conv.weight") and value.shape[1] == 1 and value.shape[2] > 1:
+            value = value.transpose(0, 2, 1)  # torch depthwise (D, 1, K) -> MLX (D, K, 1)
+        out[name] = value
+    return out
+
+
+def _check_names(model: nn.Module, weights: dict[str, mx.array], folder: Path) -> None:
+    from mlx.utils import tree_flatten
+
+    expected = {name for name, _ in tree_flatten(model.parameters())}
+    missing = sorted(expected - weights.keys())
+    unexpected = sorted(weights.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}")
+        raise Lfm2VlError(
+            f"the weights in {folder} do not match its config.json ({'; '.join(parts)}); "
+            "is config.json from the same checkpoint?"
+        )
+    for name, parameter in tree_flatten(model.parameters()):
+        if parameter.shape != weights[name].shape:
+            raise Lfm2VlError(
+                f"{name} in {folder} has shape {tuple(weights[name].shape)}, the config implies "
+                f"{tuple(parameter.shape)}: is config.json from the same checkpoint?"
+            )
+
+
+def compute_dtype(requested: str | mx.Dtype | None) -> mx.Dtype | None:
+    """The dtype floating-point weights are cast to, or None to keep them as stored.
+
+    MLX's CPU backend is fast only in float32 (bf16 and fp16 run on slow reference kernels there),
+    so on the CPU the default is float32; on a GPU the stored dtype (bf16 for published weights).
+    """
+    if isinstance(requested, mx.Dtype):
+        return requested
+    if requested is None:
+        return mx.float32 if mx.default_device() == mx.cpu else None
+    names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+    if requested not in names:
+        raise Lfm2VlError(f"dtype {requested!r} is not one of {', '.join(names)}")
+    return names[requested]
+
+
+def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> Lfm2VlModel:
+    """Build the model of a checkpoint folder or hub id and load its weights."""
+    folder = resolve_model_path(path_or_id)
+    config = ModelConfig.from_file(folder / "config.json")
+    model = Lfm2VlModel(config)
+    weights = sanitize(read_weights(folder), config)
+    if config.quantization is not None:
+        quantization = config.quantization
+
+        # Quantized layers are exactly those whose scales were saved.
+        def is_quantized(path: str, module: nn.Module) -> bool:
+            return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            mode=quantization.get("mode", "affine"),
+            class_predicate=is_quantized,
+        )
+    _check_names(model, weights, folder)
+    target = compute_dtype(dtype)
+    if target is not None:
+        weights = {
+            name: value.astype(target)
+            if mx.issubdtype(value.dtype, mx.floating) and not name.endswith(("scales", "biases"))
+            else value
+            for name, value in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,148 @@
+"""The LFM2 hybrid language backbone: gated short-conv blocks and GQA attention blocks.
+
+Module and parameter names follow the reference checkpoints (`model.language_model.*`), so weights
+load without renaming: `layers.N.conv.{in_proj,conv,out_proj}`, `layers.N.self_attn.{q,k,v,out}_proj`,
+`layers.N.self_attn.{q,k}_layernorm`, `layers.N.feed_forward.w{1,2,3}`, `operator_norm`, `ffn_norm`,
+`embed_tokens`, `embedding_norm` (the final norm, despite its name).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import ConvCache, KVCache
+from ..config import TextConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TextConfig):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        head_dim = args.head_dim
+        self.scale = head_dim**-0.5
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        # Per-head RMSNorm on queries and keys, before RoPE.
+        self.q_layernorm = nn.RMSNorm(head_dim, eps=args.norm_eps)
+        self.k_layernorm = nn.RMSNorm(head_dim, eps=args.norm_eps)
+        # The reference rotates halves (rotate_half), which is MLX's non-traditional RoPE.
+        self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        queries = self.q_layernorm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
+        keys = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1))
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        queries = queries.transpose(0, 2, 1, 3)
+        keys = keys.transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        queries = self.rope(queries, offset=offset)
+        keys = self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class ShortConv(nn.Module):
+    """Gated depthwise causal conv: out_proj(C * conv(B * x)), with B, C, x from one projection."""
+
+    def __init__(self, args: TextConfig):
+        super().__init__()
+        dim = args.hidden_size
+        self.kernel_size = args.conv_L_cache
+        # MLX layout (D, K, 1); the loader transposes the reference's (D, 1, K).
+        self.conv = nn.Conv1d(dim, dim, self.kernel_size, groups=dim, bias=args.conv_bias)
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=args.conv_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=args.conv_bias)
+
+    def __call__(self, x: mx.array, cache: ConvCache | None = None) -> mx.array:
+        B, L, D = x.shape
+        gate_in, gate_out, h = mx.split(self.in_proj(x), 3, axis=-1)
+        h = gate_in * h
+
+        # A K-tap depthwise conv over [state, h] is K shifted multiply-adds: cheaper than a
+        # general conv call, and the same code serves prefill and one-token decode.
+        K = self.kernel_size
+        state = cache.conv_state if cache is not None else None
+        if state is None:
+            state = mx.zeros((B, K - 1, D), h.dtype)
+        padded = mx.concatenate([state, h], axis=1)
+        if cache is not None:
+            cache.conv_state = padded[:, L:, :]
+            cache.offset += L
+        taps = self.conv.weight[:, :, 0]  # (D, K)
+        conv = padded[:, 0:L, :] * taps[:, 0]
+        for k in range(1, K):
+            conv = conv + padded[:, k : k + L, :] * taps[:, k]
+        if "bias" in self.conv:
+            conv = conv + self.conv.bias
+        return self.out_proj(gate_out * conv)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP; its width follows the reference's `block_auto_adjust_ff_dim` rule."""
+
+    def __init__(self, args: TextConfig):
+        super().__init__()
+        self.w1 = nn.Linear(args.hidden_size, args.ff_dim, bias=False)
+        self.w3 = nn.Linear(args.hidden_size, args.ff_dim, bias=False)
+        self.w2 = nn.Linear(args.ff_dim, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: TextConfig, layer_id: int):
+        super().__init__()
+        self.is_attention_layer = args.layer_types[layer_id] != "conv"
+        if self.is_attention_layer:
+            self.self_attn = Attention(args)
+        else:
+            self.conv = ShortConv(args)
+        self.feed_forward = FeedForward(args)
+        self.operator_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        if self.is_attention_layer:
+            h = x + self.self_attn(self.operator_norm(x), mask, cache)
+        else:
+            h = x + self.conv(self.operator_norm(x), cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Lfm2Model(nn.Module):
+    """Embeddings, decoder layers and the final norm; the LM head lives with the caller."""
+
+    def __init__(self, args: TextConfig):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, inputs_embeds: mx.array, cache: list | None = None) -> mx.array:
+        L = inputs_embeds.shape[1]
+        # MLX's "causal" mask aligns the last query with the last key, so it also covers a chunk
+        # appended to a cache; one query needs no mask at all.
+        mask = "causal" if L > 1 else None
+        cache = cache if cache is not None else [None] * len(self.layers)
+        h = inputs_embeds
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, layer_cache)
+        return self.embedding_norm(h)
+
+    def make_cache(self) -> list[KVCache | ConvCache]:
+        return [KVCache() if layer.is_attention_layer else ConvCache() for layer in self.layers]
