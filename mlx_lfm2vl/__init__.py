@@ -1,0 +1,38 @@
+"""mlx-lfm2vl: Liquid AI's LFM2-VL vision-language models on MLX.
+
+    from mlx_lfm2vl import load
+    model, processor = load("LiquidAI/LFM2-VL-450M")   # hub id or local folder
+
+Importing this package imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import Lfm2VlError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from .models.lfm2_vl import Lfm2VlModel
+    from .processor import Processor
+
+__all__ = ["Lfm2VlError", "load"]
+
+
+def load(
+    path_or_id: str | Path, dtype: str | mx.Dtype | None = None
+) -> tuple[Lfm2VlModel, Processor]:
+    """Load a model and its processor from a local folder or a Hugging Face hub id.
+
+    The folder may hold a published checkpoint (HF layout) or one this project's converter wrote
+    (quantized or not). `dtype` is the compute dtype of floating-point weights; by default float32
+    on MLX's CPU backend (its only fast path) and the stored dtype on a GPU.
+    """
+    from .loading import load_model, resolve_model_path
+    from .processor import Processor
+
+    folder = resolve_model_path(path_or_id)
+    return load_model(folder, dtype=dtype), Processor.from_pretrained(folder)

@@ -4,16 +4,17 @@ The published LFM2-VL repositories went through several revisions, and each spel
 differently. This module is the one place that knows every spelling; the model code sees only the
 dataclasses below.
 
-| meaning                      | spellings accepted, in the reference's order of precedence     |
-|------------------------------|----------------------------------------------------------------|
-| model type                   | `lfm2_vl` (native transformers), `lfm2-vl` (Aug-2025 remote code) |
-| image token id               | `image_token_id`, `image_token_index`                          |
-| text width                   | `hidden_size`, else `block_dim`                                |
-| FFN width before auto-adjust | `block_ff_dim` (wins: `Lfm2Config` pops it over `intermediate_size`), `intermediate_size` |
-| RoPE base                    | `rope_parameters.rope_theta`, `rope_theta`, else 1e6 (`theta` is ignored, as the reference does) |
-| attention layers             | `layer_types`, else `full_attn_idxs`, else every layer         |
-| tied LM head                 | `tie_embedding` (wins, as in the reference), `tie_word_embeddings` |
-| RMSNorm eps                  | `norm_eps` (`block_norm_eps` is ignored, as the reference does) |
+| meaning             | spellings accepted, in the reference's order of precedence          |
+|---------------------|---------------------------------------------------------------------|
+| model type          | `lfm2_vl` (native transformers), `lfm2-vl` (Aug-2025 remote code)   |
+| image token id      | `image_token_id`, `image_token_index`                               |
+| text width          | `hidden_size`, else `block_dim`                                     |
+| FFN width (before   | `block_ff_dim` (wins: `Lfm2Config` pops it over the other),         |
+|   the auto-adjust)  | `intermediate_size`                                                 |
+| RoPE base           | `rope_parameters.rope_theta`, `rope_theta`, else 1e6 (no `theta`)   |
+| attention layers    | `layer_types`, else `full_attn_idxs`, else every layer              |
+| tied LM head        | top level `tie_embedding` (wins), `tie_word_embeddings`             |
+| RMSNorm eps         | `norm_eps` (`block_norm_eps` is ignored)                            |
 
 Where a spelling is ignored, it is because the reference ignores it: parity beats guessing.
 """

@@ -1,9 +1,10 @@
 """The LFM2 hybrid language backbone: gated short-conv blocks and GQA attention blocks.
 
-Module and parameter names follow the reference checkpoints (`model.language_model.*`), so weights
-load without renaming: `layers.N.conv.{in_proj,conv,out_proj}`, `layers.N.self_attn.{q,k,v,out}_proj`,
-`layers.N.self_attn.{q,k}_layernorm`, `layers.N.feed_forward.w{1,2,3}`, `operator_norm`, `ffn_norm`,
-`embed_tokens`, `embedding_norm` (the final norm, despite its name).
+Module and parameter names follow the reference checkpoints (`model.language_model.*`), so
+weights load without renaming: `layers.N.conv.{in_proj,conv,out_proj}`,
+`layers.N.self_attn.{q,k,v,out}_proj`, `layers.N.self_attn.{q,k}_layernorm`,
+`layers.N.feed_forward.w{1,2,3}`, `operator_norm`, `ffn_norm`, `embed_tokens`, `embedding_norm`
+(the final norm, despite its name).
 """
 
 from __future__ import annotations
