@@ -1,0 +1,686 @@
+"""Streaming generation: prefill, one-token decode with the cache on the device, text out.
+
+Layers, from the bottom:
+
+- `prefill()` runs a prompt (image features merged) through the backbone into a cache and returns
+  the logits of its last position only; the LM head never sees the other prompt rows.
+- `generate_step()` samples from those logits, then decodes one token at a time. Step n+1 is
+  queued with `mx.async_eval` before token n is handed to the caller, so the device works while
+  Python detokenizes.
+- `stream_generate()` / `generate()` add the processor, the streaming detokenizer, stop strings,
+  cancellation and statistics. `Chat` (chat.py) drives the same loop with cache snapshots.
+- `main()` is the command line (`python -m mlx_lfm2vl.generate --help`).
+
+Nothing here keeps global state: the PRNG key, the cache and the stop bookkeeping belong to one
+call, so two models (or two generations, one after the other) never see each other.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import ConvCache, KVCache
+from .errors import Lfm2VlError
+from .sampling import LogitsProcessor, Sampler, SamplingSettings
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from .models.lfm2_vl import Lfm2VlModel
+    from .processor import Processor
+
+Cache = list[KVCache | ConvCache]
+StopCallback = Callable[[], bool] | threading.Event
+
+DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
+DEFAULT_MAX_TOKENS = 256
+# Prompt rows per prefill chunk: bounds the attention scores' memory on long image prompts.
+DEFAULT_PREFILL_STEP = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counts and timings of one generation so far (times in seconds).
+
+    time_to_first_token runs from the call (image preprocessing included) to the first sampled
+    token; prompt_time covers the model's part of that (vision encoder + prefill).
+    generation_tps counts the tokens after the first over the time since the first.
+    peak_memory is MLX's peak allocation of the process in GB (`mx.get_peak_memory`; the
+    library does not reset it, as that counter is shared by everything in the process).
+    """
+
+    prompt_tokens: int
+    image_tokens: int
+    generation_tokens: int
+    time_to_first_token: float
+    prompt_time: float
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of `stream_generate`.
+
+    text: new text, possibly "" (held back while it may be an incomplete character or the start
+        of a stop string); the texts of all chunks joined are the answer.
+    token: the token sampled at this step (None only when cancelled before the first token).
+    logprobs: (vocab,) log-probabilities of the model at this step, before any sampling rule.
+    finish_reason: None while running, then "stop" (end-of-sequence token or stop string),
+        "length" (max_tokens) or "cancelled" (`should_stop`); the last chunk has it set.
+    """
+
+    text: str
+    token: int | None
+    logprobs: mx.array | None
+    finish_reason: str | None
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The whole answer of `generate`: text, sampled tokens (with the final end-of-sequence
+    token, if any; its text is not in `text`), finish_reason and statistics."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    stats: GenerationStats
+
+
+# --------------------------------------------------------------------------------------------
+# Text out: streaming detokenizer and stop strings
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingDetokenizer:
+    """Token ids in, text out as soon as it is final, never half a character.
+
+    Byte-level BPE tokens can end inside a multi-byte UTF-8 character, which decodes to U+FFFD
+    until the rest arrives; text is emitted only when the decoded tail does not end in one.
+    Decoding restarts from the previous emission point (not from the last token), so tokenizers
+    whose decoding depends on the left neighbour (leading-space rules) come out right too. The
+    concatenation of all `add()` results and `flush()` is `tokenizer.decode(tokens)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.tokens: list[int] = []
+        self._prefix = 0  # start of the window that is decoded again for context
+        self._read = 0  # tokens up to here have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self._prefix : self._read])
+        now = self._decode(self.tokens[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """The text not emitted yet, even an incomplete character (as a one-shot decode has it)."""
+        before = self._decode(self.tokens[self._prefix : self._read])
+        now = self._decode(self.tokens[self._prefix :])
+        self._prefix = self._read = len(self.tokens)
+        return now[len(before) :]
+
+
+class StopStrings:
+    """Cuts the text at the first stop string, holding back any tail that may begin one.
+
+    A stop string that will appear must start inside the held-back tail (the longest tail that
+    is a prefix of a stop string), so nothing already emitted ever needs taking back.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        if not self.stop:
+            return text, False
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
+                if self._pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The model loop
+# --------------------------------------------------------------------------------------------
+
+
+def _is_set(should_stop: StopCallback | None) -> bool:
+    if should_stop is None:
+        return False
+    return should_stop.is_set() if isinstance(should_stop, threading.Event) else should_stop()
+
+
+def prefill(
+    model: Lfm2VlModel,
+    input_ids: mx.array,
+    pixel_values: mx.array | None = None,
+    spatial_shapes: mx.array | None = None,
+    cache: Cache | None = None,
+    step_size: int = DEFAULT_PREFILL_STEP,
+    should_stop: StopCallback | None = None,
+) -> mx.array | None:
+    """Run a prompt into `cache` (extending what it holds); logits (1, vocab) of its last token.
+
+    The prompt goes through the backbone in chunks of `step_size` rows; a chunk appended to a
+    cache attends to everything before it (MLX's "causal" mask aligns the chunk's last query
+    with the last key). Returns None when `should_stop` fires between chunks.
+    """
+    if cache is None:
+        cache = model.make_cache()
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    embeddings = model.get_input_embeddings(input_ids, pixel_values, spatial_shapes)
+    L = embeddings.shape[1]
+    start = 0
+    while L - start > step_size:
+        model.language_model(embeddings[:, start : start + step_size], cache)
+        mx.eval([c.state for c in cache])
+        start += step_size
+        if _is_set(should_stop):
+            return None
+    hidden = model.language_model(embeddings[:, start:], cache)
+    logits = model.lm_head_logits(hidden[:, -1:, :])[:, 0, :]
+    mx.eval(logits, [c.state for c in cache])
+    return logits
+
+
+def generate_step(
+    model: Lfm2VlModel,
+    logits: mx.array,
+    cache: Cache,
+    *,
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    history: mx.array | None = None,
+    key: mx.array | None = None,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Sample from the prefill `logits`, then decode: yields (token, logprobs) until closed.
+
+    `history` is the token context the logits processors see (the prompt ids, for the
+    repetition penalty); sampled tokens are appended to it. `key` seeds the sampler.
+    """
+    if key is None:
+        key = mx.random.key(random.SystemRandom().getrandbits(63))
+    if history is None:
+        history = mx.zeros((0,), mx.int32)
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal key
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        key, subkey = mx.random.split(key)
+        return sampler(logits, subkey).astype(mx.int32), logprobs
+
+    y, logprobs = sample(logits)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        n += 1
+        if max_tokens is not None and n >= max_tokens:
+            yield y.item(), logprobs[0]
+            return
+        if logits_processors:
+            history = mx.concatenate([history, y])
+        next_y, next_logprobs = sample(model(y[None], cache=cache)[:, -1, :])
+        # Queue step n+1 before handing out token n: the device runs while the caller works.
+        mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs[0]
+        y, logprobs = next_y, next_logprobs
+
+
+@dataclass
+class _Part:
+    """A piece of prompt to prefill: ids (L,) and the pixel views of the images in it."""
+
+    input_ids: np.ndarray
+    pixel_values: mx.array | None = None
+    spatial_shapes: mx.array | None = None
+
+
+def _key(seed: int | None) -> mx.array:
+    # A key of our own, never MLX's global PRNG: two generations cannot disturb each other.
+    return mx.random.key(seed if seed is not None else random.SystemRandom().getrandbits(63))
+
+
+def _run(
+    model: Lfm2VlModel,
+    tokenizer: Tokenizer,
+    eos_token_ids: Sequence[int],
+    parts: Sequence[_Part],
+    cache: Cache,
+    history: np.ndarray,
+    settings: SamplingSettings,
+    *,
+    start_time: float,
+    max_tokens: int,
+    stop: Sequence[str],
+    seed: int | None,
+    logits_processors: Sequence[LogitsProcessor],
+    should_stop: StopCallback | None,
+    prefill_step_size: int,
+    image_token_id: int,
+    after_prefix: Callable[[Cache], None] | None = None,
+) -> Iterator[GenerationChunk]:
+    """Prefill `parts` in order into `cache`, then stream the answer.
+
+    `after_prefix(cache)` is called once the first part is in the cache (the chat helper
+    snapshots there). `history` is the whole context for the repetition penalty.
+    """
+    if max_tokens < 1:
+        raise Lfm2VlError(f"max_tokens must be at least 1, got {max_tokens}")
+    sampler = settings.sampler()
+    processors = settings.logits_processors() + list(logits_processors)
+    prompt_tokens = sum(len(p.input_ids) for p in parts)
+    image_tokens = sum(int((p.input_ids == image_token_id).sum()) for p in parts)
+    eos = set(eos_token_ids)
+
+    prefill_start = time.perf_counter()
+    first_time = prompt_time = 0.0
+    n = 0
+
+    def stats() -> GenerationStats:
+        now = time.perf_counter()
+        return GenerationStats(
+            prompt_tokens=prompt_tokens,
+            image_tokens=image_tokens,
+            generation_tokens=n,
+            time_to_first_token=first_time - start_time if n else 0.0,
+            prompt_time=prompt_time,
+            prompt_tps=prompt_tokens / prompt_time if prompt_time > 0 else 0.0,
+            generation_tps=(n - 1) / (now - first_time) if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+    logits = None
+    for i, part in enumerate(parts):
+        logits = prefill(
+            model,
+            mx.array(part.input_ids, mx.int32)[None],
+            part.pixel_values,
+            part.spatial_shapes,
+            cache,
+            prefill_step_size,
+            should_stop,
+        )
+        if logits is None:
+            yield GenerationChunk("", None, None, "cancelled", stats())
+            return
+        if i == 0 and after_prefix is not None:
+            after_prefix(cache)
+
+    detokenizer = StreamingDetokenizer(tokenizer)
+    stopper = StopStrings(stop)
+    steps = generate_step(
+        model,
+        logits,
+        cache,
+        sampler=sampler,
+        logits_processors=processors,
+        history=mx.array(history, mx.int32) if processors else None,
+        key=_key(seed),
+        max_tokens=max_tokens,
+    )
+    for token, logprobs in steps:
+        n += 1
+        if n == 1:
+            first_time = time.perf_counter()
+            prompt_time = first_time - prefill_start
+        finish = None
+        if token in eos:
+            text, finish = stopper.feed(detokenizer.flush())[0] + stopper.flush(), "stop"
+        else:
+            text, hit = stopper.feed(detokenizer.add(token))
+            if hit:
+                finish = "stop"
+            elif n >= max_tokens or _is_set(should_stop):
+                text += stopper.feed(detokenizer.flush())[0] + stopper.flush()
+                finish = "length" if n >= max_tokens else "cancelled"
+        yield GenerationChunk(text, token, logprobs, finish, stats())
+        if finish is not None:
+            steps.close()
+            return
+
+
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def checkpoint_sampling(processor: Processor) -> SamplingSettings:
+    """The sampling defaults of the checkpoint a processor was loaded from.
+
+    The model card's values, overridden by what its generation_config.json sets (when the
+    processor carries it as `generation_config`).
+    """
+    config = getattr(processor, "generation_config", None)
+    if isinstance(config, dict):
+        return SamplingSettings.from_generation_config(config)
+    return SamplingSettings()
+
+
+def stream_generate(
+    model: Lfm2VlModel,
+    processor: Processor,
+    prompt: str | Sequence[dict[str, Any]],
+    images: Any | Sequence[Any] | None = None,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    should_stop: StopCallback | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    **image_options: Any,
+) -> Iterator[GenerationChunk]:
+    """Generate an answer to `prompt` (a string, or chat messages) about `images`, streamed.
+
+    Yields one `GenerationChunk` per sampled token; the last one has `finish_reason` set.
+    Sampling options left as None take the checkpoint's defaults (`checkpoint_sampling`);
+    `temperature=0` is greedy. `stop` strings end the answer and are not part of it.
+    `image_options` go to the processor (`min_image_tokens`, `max_image_tokens`,
+    `do_image_splitting`, ...). Cancel by leaving the loop (closing the generator) or with
+    `should_stop`, a callable or `threading.Event` checked after every token and between
+    prefill chunks. Raises `Lfm2VlError` for user errors (bad image, bad option, ...).
+    """
+    start_time = time.perf_counter()
+    settings = checkpoint_sampling(processor).override(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+    )
+    settings.sampler()  # invalid values fail before any work
+    settings.logits_processors()
+    processed = processor.process(prompt, images, **image_options)
+    part = _Part(processed.input_ids)
+    if processed.images is not None:
+        part.pixel_values = mx.array(processed.images.pixel_values)
+        part.spatial_shapes = mx.array(processed.images.spatial_shapes)
+    yield from _run(
+        model,
+        processor.tokenizer,
+        processor.eos_token_ids,
+        [part],
+        model.make_cache(),
+        processed.input_ids,
+        settings,
+        start_time=start_time,
+        max_tokens=max_tokens,
+        stop=_stop_list(stop),
+        seed=seed,
+        logits_processors=logits_processors,
+        should_stop=should_stop,
+        prefill_step_size=prefill_step_size,
+        image_token_id=processor.image_token_id,
+    )
+
+
+def generate(
+    model: Lfm2VlModel,
+    processor: Processor,
+    prompt: str | Sequence[dict[str, Any]],
+    images: Any | Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> GenerationResult:
+    """The whole answer at once; takes the arguments of `stream_generate`."""
+    texts, tokens = [], []
+    chunk = None
+    for chunk in stream_generate(model, processor, prompt, images, **kwargs):
+        texts.append(chunk.text)
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+    assert chunk is not None and chunk.finish_reason is not None
+    return GenerationResult("".join(texts), tokens, chunk.finish_reason, chunk.stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _format_stats(stats: GenerationStats, finish_reason: str | None) -> list[str]:
+    return [
+        f"prompt: {stats.prompt_tokens} tokens ({stats.image_tokens} image), "
+        f"{stats.prompt_tps:.1f} tokens/s; time to first token {stats.time_to_first_token:.3f} s",
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s "
+        f"(finish: {finish_reason})",
+        f"peak memory: {stats.peak_memory:.3f} GB",
+    ]
+
+
+def _cli():
+    # click is imported here so `import mlx_lfm2vl` does not pay for it.
+    import click
+
+    @click.command(
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    )
+    @click.option(
+        "--model",
+        default=DEFAULT_MODEL,
+        show_default=True,
+        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id.",
+    )
+    @click.option(
+        "--image",
+        "images",
+        multiple=True,
+        metavar="PATH_OR_URL",
+        help="Image file or http(s) URL; repeat for several images (they go before the prompt).",
+    )
+    @click.option("--prompt", required=True, help="The question or instruction.")
+    @click.option("--system", default=None, help="Optional system message.")
+    @click.option(
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=DEFAULT_MAX_TOKENS,
+        show_default=True,
+        help="Most tokens to generate.",
+    )
+    @click.option(
+        "--temperature",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Sampling temperature; 0 is greedy. Default: the checkpoint's, else 0.1.",
+    )
+    @click.option(
+        "--top-p",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=None,
+        help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
+    )
+    @click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Keep the K most likely tokens (0 disables). Default: the checkpoint's, else 0.",
+    )
+    @click.option(
+        "--min-p",
+        type=click.FloatRange(0, 1),
+        default=None,
+        help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
+    )
+    @click.option(
+        "--repetition-penalty",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else 1.05.",
+    )
+    @click.option(
+        "--min-image-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Fewest image tokens per image view. Default: the checkpoint's processor config.",
+    )
+    @click.option(
+        "--max-image-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Most image tokens per image view. Default: the checkpoint's processor config.",
+    )
+    @click.option(
+        "--no-image-splitting",
+        is_flag=True,
+        help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
+    )
+    @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+    @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
+    def cli(
+        model: str,
+        images: tuple[str, ...],
+        prompt: str,
+        system: str | None,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        min_p: float | None,
+        repetition_penalty: float | None,
+        min_image_tokens: int | None,
+        max_image_tokens: int | None,
+        no_image_splitting: bool,
+        seed: int | None,
+        verbose: bool,
+    ) -> None:
+        """Answer a prompt about images with an LFM2-VL model; the text streams to stdout.
+
+        \b
+        Example:
+          python -m mlx_lfm2vl.generate --image cat.jpg --prompt "Describe this image."
+        """
+        from pathlib import Path
+
+        from . import load
+        from .loading import resolve_model_path
+
+        # Fail on a missing image before the (slow) model load.
+        for image in images:
+            if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+                raise Lfm2VlError(f"image {image!r} not found: pass an existing file or a URL")
+        folder = resolve_model_path(model)
+        mx.reset_peak_memory()
+        loaded_model, processor = load(folder)
+        settings = SamplingSettings.from_folder(folder)
+
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        image_options: dict[str, Any] = {}
+        if min_image_tokens is not None:
+            image_options["min_image_tokens"] = min_image_tokens
+        if max_image_tokens is not None:
+            image_options["max_image_tokens"] = max_image_tokens
+        if no_image_splitting:
+            image_options["do_image_splitting"] = False
+
+        chunks = stream_generate(
+            loaded_model,
+            processor,
+            messages,
+            list(images),
+            max_tokens=max_tokens,
+            temperature=settings.temperature if temperature is None else temperature,
+            top_p=settings.top_p if top_p is None else top_p,
+            top_k=settings.top_k if top_k is None else top_k,
+            min_p=settings.min_p if min_p is None else min_p,
+            repetition_penalty=(
+                settings.repetition_penalty if repetition_penalty is None else repetition_penalty
+            ),
+            seed=seed,
+            **image_options,
+        )
+        chunk = None
+        for chunk in chunks:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose and chunk is not None:
+            dtype = str(loaded_model.language_model.embedding_norm.weight.dtype).split(".")[-1]
+            device = mx.default_device().type.name
+            lines = [f"model: {folder} (compute dtype {dtype}, device {device})"]
+            lines += _format_stats(chunk.stats, chunk.finish_reason)
+            click.echo("\n".join(lines), err=True)
+
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code. User errors print one line on stderr."""
+    import click
+
+    try:
+        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.generate", standalone_mode=False)
+    except Lfm2VlError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
