@@ -1,7 +1,9 @@
 """mlx-lfm2vl: Liquid AI's LFM2-VL vision-language models on MLX.
 
-    from mlx_lfm2vl import load
+    from mlx_lfm2vl import load, stream_generate
     model, processor = load("LiquidAI/LFM2-VL-450M")   # hub id or local folder
+    for chunk in stream_generate(model, processor, "Describe this image.", images=["cat.jpg"]):
+        print(chunk.text, end="", flush=True)
 
 Importing this package imports neither torch nor transformers.
 """
@@ -11,7 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .chat import Chat
 from .errors import Lfm2VlError
+from .generate import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    generate,
+    stream_generate,
+)
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -19,7 +29,16 @@ if TYPE_CHECKING:
     from .models.lfm2_vl import Lfm2VlModel
     from .processor import Processor
 
-__all__ = ["Lfm2VlError", "load"]
+__all__ = [
+    "Chat",
+    "GenerationChunk",
+    "GenerationResult",
+    "GenerationStats",
+    "Lfm2VlError",
+    "generate",
+    "load",
+    "stream_generate",
+]
 
 
 def load(
