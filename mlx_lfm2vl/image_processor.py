@@ -725,32 +725,30 @@ def resize(image: np.ndarray, height: int, width: int, resample: int = 3) -> np.
 # --------------------------------------------------------------------------------------------
 
 
-def _patchify(view: np.ndarray, patch: int) -> np.ndarray:
-    """(C, H, W) -> (h * w, patch * patch * C), per patch (py, px, c), patches row-major."""
-    channels, height, width = view.shape
-    h, w = height // patch, width // patch
-    x = view.reshape(channels, h, patch, w, patch).transpose(1, 3, 2, 4, 0)
-    return x.reshape(h * w, patch * patch * channels)
+def _write_patches(view: np.ndarray, s: ImageProcessorSettings, out: np.ndarray) -> None:
+    """Rescale + normalize a (C, H, W) uint8 view and write its patches into `out`.
 
-
-def _normalize(patches: np.ndarray, s: ImageProcessorSettings) -> np.ndarray:
-    """Rescale + normalize (channel is the last axis), with the reference's float32 arithmetic.
-
-    The reference fuses both steps: mean' = float32(mean) * float32(1 / rescale_factor), the same
-    for std, then (x - mean') / std' in float32.
+    `out` is (h * w, patch * patch * C): patches row-major over the grid, each laid out
+    (py, px, c). The arithmetic is the reference's, in float32: it fuses the two steps into
+    mean' = float32(mean) * float32(1 / rescale_factor) (the same for std), then computes
+    (x - mean') / std' per channel.
     """
-    x = patches.reshape(patches.shape[0], -1, 3).astype(np.float32)
+    channels, height, width = view.shape
+    patch = s.encoder_patch_size
+    h, w = height // patch, width // patch
+    x = view.astype(np.float32)
     if s.do_normalize:
         mean = np.asarray(s.image_mean, np.float32)
         std = np.asarray(s.image_std, np.float32)
         if s.do_rescale:
             inverse = np.float32(1.0 / s.rescale_factor)
             mean, std = mean * inverse, std * inverse
-        x -= mean
-        x /= std
+        x -= mean[:, None, None]
+        x /= std[:, None, None]
     elif s.do_rescale:
         x *= np.float32(s.rescale_factor)
-    return x.reshape(patches.shape)
+    patches = x.reshape(channels, h, patch, w, patch).transpose(1, 3, 2, 4, 0)
+    out.reshape(h, w, patch, patch, channels)[...] = patches
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,30 +803,28 @@ class ImageProcessor:
         if not images:
             raise Lfm2VlError("No images given. Pass at least one image.")
 
-        patches, shapes, tokens = [], [], []
-        rows, cols, sizes, views = [], [], [], []
-        p = s.encoder_patch_size
+        loaded = []
         for source in images:
             planes = _planes(load_image(source, s.max_input_pixels))
-            layout = plan_image(planes.shape[1], planes.shape[2], s)
+            loaded.append((planes, plan_image(planes.shape[1], planes.shape[2], s)))
+
+        p = s.encoder_patch_size
+        shapes = [(h // p, w // p) for _, layout in loaded for h, w in layout.view_shapes]
+        pixel_values = np.empty((sum(h * w for h, w in shapes), p * p * 3), np.float32)
+        row = 0
+        for planes, layout in loaded:
             for view in self._views(planes, layout, s.resample):
-                patches.append(_patchify(view, p))
-                h, w = view.shape[1] // p, view.shape[2] // p
-                shapes.append((h, w))
-                tokens.append(image_token_count(h, w, s.downsample_factor))
-            rows.append(layout.rows)
-            cols.append(layout.cols)
-            sizes.append(layout.image_size)
-            views.append(len(layout.view_shapes))
-        pixel_values = _normalize(np.concatenate(patches), s)
+                count = (view.shape[1] // p) * (view.shape[2] // p)
+                _write_patches(view, s, pixel_values[row : row + count])
+                row += count
         return ImageBatch(
             pixel_values=pixel_values,
             spatial_shapes=np.asarray(shapes, np.int32).reshape(-1, 2),
-            image_rows=rows,
-            image_cols=cols,
-            image_sizes=sizes,
-            views_per_image=views,
-            tokens_per_view=tokens,
+            image_rows=[layout.rows for _, layout in loaded],
+            image_cols=[layout.cols for _, layout in loaded],
+            image_sizes=[layout.image_size for _, layout in loaded],
+            views_per_image=[len(layout.view_shapes) for _, layout in loaded],
+            tokens_per_view=[image_token_count(h, w, s.downsample_factor) for h, w in shapes],
         )
 
     preprocess = __call__
