@@ -76,10 +76,7 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(probs < threshold, _NEG_INF, logits)
 
 
-def make_sampler(
-    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
-) -> Sampler:
-    """A function (logits, key) -> token ids; greedy (argmax) when `temperature` is 0."""
+def _check(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
     if temperature < 0:
         raise Lfm2VlError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -88,10 +85,18 @@ def make_sampler(
         raise Lfm2VlError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 <= min_p <= 1:
         raise Lfm2VlError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
-    if temperature == 0:
-        return lambda logits, key: mx.argmax(logits, axis=-1)
 
-    def sample(logits: mx.array, key: mx.array) -> mx.array:
+
+def make_warper(
+    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Callable[[mx.array], mx.array]:
+    """logits -> the logits sampling draws from: temperature, top-k, top-p, min-p, in the
+    reference's order; filtered tokens get -inf."""
+    _check(temperature, top_p, top_k, min_p)
+    if temperature == 0:
+        raise Lfm2VlError("temperature 0 is greedy decoding: there is no distribution to warp")
+
+    def warp(logits: mx.array) -> mx.array:
         if temperature != 1:
             logits = apply_temperature(logits, temperature)
         if top_k > 0:
@@ -100,9 +105,21 @@ def make_sampler(
             logits = apply_top_p(logits, top_p)
         if min_p > 0:
             logits = apply_min_p(logits, min_p)
-        return mx.random.categorical(logits, axis=-1, key=key)
+        return logits
 
-    return sample
+    return warp
+
+
+def make_sampler(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Sampler:
+    """A function (logits, key) -> token ids; greedy (argmax) when `temperature` is 0, where,
+    as in the reference, top-p, top-k and min-p play no part."""
+    _check(temperature, top_p, top_k, min_p)
+    if temperature == 0:
+        return lambda logits, key: mx.argmax(logits, axis=-1)
+    warp = make_warper(temperature, top_p, top_k, min_p)
+    return lambda logits, key: mx.random.categorical(warp(logits), axis=-1, key=key)
 
 
 def make_logits_processors(
