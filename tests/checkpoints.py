@@ -165,9 +165,15 @@ FIXTURES = {
 }
 
 
+# The real LFM2-VL-450M shapes, unshrunk (random weights, stored in bf16 as published).
+FIXTURES_AT_REAL_SHAPES = {
+    "lfm2-vl-450m-real": {"source": "LFM2-VL-450M", "text": {}, "vision": {}, "top": {}},
+}
+
+
 def fixture_config(name: str) -> dict:
     """The shrunk config.json dict of one fixture."""
-    spec = FIXTURES[name]
+    spec = {**FIXTURES, **FIXTURES_AT_REAL_SHAPES}[name]
     config = json.loads((reference_dir(spec["source"]) / "config.json").read_text())
     config = copy.deepcopy(config)
     config["text_config"].update(spec["text"])
@@ -185,7 +191,7 @@ def build_checkpoint(name: str, folder: Path, seed: int = 0, dtype: str = "float
     import torch
     from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
-    spec = FIXTURES[name]
+    spec = {**FIXTURES, **FIXTURES_AT_REAL_SHAPES}[name]
     config = Lfm2VlConfig.from_dict(fixture_config(name))
     torch.manual_seed(seed)
     model = Lfm2VlForConditionalGeneration(config).eval()

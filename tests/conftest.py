@@ -41,3 +41,12 @@ def checkpoint_450m(checkpoint_root) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_16b(checkpoint_root) -> Path:
     return fixture_checkpoint("lfm2-vl-1.6b", checkpoint_root)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_450m_real(checkpoint_root) -> Path:
+    """Random weights at the real LFM2-VL-450M shapes, stored in bf16 like the published files."""
+    name = "lfm2-vl-450m-real"
+    if name not in _built:
+        _built[name] = build_checkpoint(name, checkpoint_root / name, dtype="bfloat16")
+    return _built[name]
