@@ -1,0 +1,300 @@
+"""The converter: output layout, round trip, recipes and fallbacks, safe writing, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_lfm2vl.convert import (
+    ConversionResult,
+    _requantize_affine,
+    convert,
+    estimate_bytes,
+    main,
+    quantization_plan,
+    quantize_model,
+)
+from mlx_lfm2vl.errors import Lfm2VlError
+from mlx_lfm2vl.loading import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = mx.array([[1, 6, 1200, 3000, 498, 499, 4000, 5000, 700]], dtype=mx.int32)
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+def in_memory(source: Path, recipe: str | None, dtype: mx.Dtype) -> nn.Module:
+    """What the converter computes, without writing: quantized as it does, float32 compute."""
+    model = load_model(source, dtype=mx.float32)
+    if recipe is not None:
+        quantize_model(model, quantization_plan(model, recipe), dtype)
+    # Non-quantized weights are stored in `dtype`; the loader reads them back as float32.
+    model.update(
+        tree_unflatten(
+            [
+                (name, value.astype(dtype).astype(mx.float32))
+                for name, value in tree_flatten(model.parameters())
+                if mx.issubdtype(value.dtype, mx.floating)
+            ]
+        )
+    )
+    return model
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("recipe", [None, "uniform-8", "mixed-4", "uniform-4"])
+def test_round_trip_gives_the_logits_of_converting_in_memory(checkpoint, tmp_path, recipe):
+    result = convert(checkpoint, tmp_path / "out", quantize=recipe is not None, q_recipe=recipe)
+    loaded = load_model(result.path)  # float32 compute on the CPU
+    expected = in_memory(checkpoint, recipe, mx.bfloat16)
+    # Same stored values, same float32 arithmetic: identical up to summation order.
+    assert mx.abs(loaded(IDS) - expected(IDS)).max().item() <= 1e-5
+
+
+def test_output_folder_holds_config_shards_and_every_processor_file(checkpoint_450m, tmp_path):
+    result = convert(checkpoint_450m, tmp_path / "out", quantize=True)
+    names = listing(result.path)
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json"} <= names
+    assert set(PROCESSOR_FILES) <= names
+    for name in PROCESSOR_FILES:
+        assert (result.path / name).read_bytes() == (checkpoint_450m / name).read_bytes()
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config["quantization"]["recipe"] == "mixed-4"
+    # MLX names and layouts: the depthwise conv is (D, K, 1) and stays bfloat16.
+    weights = mx.load(str(result.path / "model.safetensors"))
+    conv = weights["language_model.layers.0.conv.conv.weight"]
+    assert conv.shape[1:] == (3, 1) and conv.dtype == mx.bfloat16
+    assert weights["language_model.layers.0.feed_forward.w1.scales"].dtype == mx.bfloat16
+    assert not any(name.startswith("model.") for name in weights)
+
+
+def test_default_4bit_recipe_layout_in_config(checkpoint_16b, tmp_path):
+    result = convert(checkpoint_16b, tmp_path / "out", quantize=True, q_bits=4)
+    section = result.quantization
+    assert (section["bits"], section["group_size"], section["mode"]) == (4, 64, "affine")
+    assert section["recipe"] == "mixed-4"
+    eight = {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert section["language_model.embed_tokens"] == eight
+    assert section["multi_modal_projector.linear_1"] == eight
+    assert section["vision_tower.encoder.layers.0.self_attn.q_proj"] == eight
+    assert "language_model.layers.0.feed_forward.w1" not in section  # the default: 4-bit
+    # The 1.6B-like vision MLP is 344 wide (like the real 4304): no supported group size
+    # divides it, so fc2 stays float, and the config says so.
+    assert section["vision_tower.encoder.layers.0.mlp.fc2"] is False
+    assert section["vision_tower.embeddings.position_embedding"] is False
+    model = load_model(result.path)
+    assert isinstance(model.vision_tower.encoder.layers[0].mlp.fc2, nn.Linear)
+    assert isinstance(model.language_model.embed_tokens, nn.QuantizedEmbedding)
+    assert model.language_model.embed_tokens.bits == 8
+    assert model.language_model.layers[0].feed_forward.w1.bits == 4
+
+
+def test_layers_narrower_than_the_group_get_a_smaller_group(checkpoint_450m, tmp_path):
+    # The 450M-like fixture's vision width is 96: group 64 does not divide it, 32 does.
+    result = convert(checkpoint_450m, tmp_path / "out", quantize=True, q_recipe="uniform-4")
+    layer = result.quantization["vision_tower.encoder.layers.0.self_attn.q_proj"]
+    assert layer == {"group_size": 32, "bits": 4, "mode": "affine"}
+    model = load_model(result.path)
+    assert model.vision_tower.encoder.layers[0].self_attn.q_proj.group_size == 32
+
+
+def test_depthwise_conv_and_position_table_are_never_quantized(checkpoint_450m):
+    model = load_model(checkpoint_450m)
+    plan = quantization_plan(model, "uniform-4")
+    assert plan["vision_tower.embeddings.position_embedding"] is False
+    assert not any("conv.conv" in path for path in plan)  # Conv1d has no quantized form
+    quantize_model(model, plan)
+    assert isinstance(model.language_model.layers[0].conv.conv, nn.Conv1d)
+
+
+def test_recipe_selection_from_bits_and_names(checkpoint_450m, tmp_path):
+    assert convert(checkpoint_450m, tmp_path / "a", quantize=True, q_bits=8).quantization[
+        "recipe"
+    ] == ("uniform-8")
+    with pytest.raises(Lfm2VlError, match="4-bit recipe"):
+        convert(checkpoint_450m, tmp_path / "b", quantize=True, q_bits=8, q_recipe="mixed-4")
+    with pytest.raises(Lfm2VlError, match="add -q"):
+        convert(checkpoint_450m, tmp_path / "c", q_recipe="mixed-4")
+    with pytest.raises(Lfm2VlError, match="unknown recipe"):
+        convert(checkpoint_450m, tmp_path / "d", quantize=True, q_recipe="fancy")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_float_formats_convert_and_load(checkpoint_450m, tmp_path):
+    result = convert(checkpoint_450m, tmp_path / "out", quantize=True, q_mode="mxfp4")
+    model = load_model(result.path)
+    w1 = model.language_model.layers[0].feed_forward.w1
+    embedding = model.language_model.embed_tokens
+    assert (w1.mode, w1.bits, w1.group_size) == ("mxfp4", 4, 32)
+    assert (embedding.mode, embedding.bits) == ("mxfp8", 8)  # the recipe's 8-bit level
+    reference = load_model(checkpoint_450m)(IDS)
+    assert np.isfinite(np.array(model(IDS))).all()
+    assert mx.abs(model(IDS) - reference).max().item() < mx.abs(reference).max().item()
+
+
+def test_loader_casts_scales_to_the_compute_dtype_without_changing_logits(
+    checkpoint_450m, tmp_path
+):
+    result = convert(checkpoint_450m, tmp_path / "out", quantize=True)  # bf16 scales on disk
+    model = load_model(result.path)  # CPU default: float32 compute
+    w1 = model.language_model.layers[0].feed_forward.w1
+    assert w1.scales.dtype == mx.float32 and w1.biases.dtype == mx.float32
+    fast = model(IDS)
+    # The former behaviour: scales and biases kept in bf16. bf16 -> float32 is exact, so the
+    # dequantized weights are the same; only the kernel's accumulation precision differs.
+    model.update(
+        tree_unflatten(
+            [
+                (name, value.astype(mx.bfloat16))
+                for name, value in tree_flatten(model.parameters())
+                if name.endswith(("scales", "biases"))
+            ]
+        )
+    )
+    slow = model(IDS)
+    assert mx.abs(fast - slow).max().item() <= 2e-2 * mx.abs(fast).max().item()
+    bf16 = load_model(result.path, dtype="bfloat16").language_model.layers[0].feed_forward.w1
+    assert bf16.scales.dtype == mx.bfloat16
+
+
+def test_bf16_scales_recomputed_codes_beat_plain_rounding():
+    # Pins the uint32 packing this module writes by hand (32 // bits codes per word, first code
+    # in the lowest bits): with float32 scales it must reproduce mx.quantize bit for bit.
+    weight = mx.random.normal((64, 512), key=mx.random.key(0)) * 0.02
+    for bits in (4, 8):
+        params = {"group_size": 64, "bits": bits, "mode": "affine"}
+        packed, scales, biases = _requantize_affine(weight, params, mx.float32)
+        expected = mx.quantize(weight, group_size=64, bits=bits)
+        for ours, theirs in zip((packed, scales, biases), expected, strict=True):
+            assert mx.array_equal(ours, theirs)
+
+        def error(q, s, b, bits=bits):
+            restored = mx.dequantize(q, s, b, group_size=64, bits=bits)
+            return mx.sqrt(mx.mean((restored.astype(mx.float32) - weight) ** 2)).item()
+
+        ours = error(*_requantize_affine(weight, params, mx.bfloat16))
+        plain = error(*mx.quantize(weight.astype(mx.bfloat16), group_size=64, bits=bits))
+        assert ours <= plain
+        if bits == 8:
+            assert ours < 0.9 * plain  # measured: ~20% lower error at 8 bits
+
+
+@pytest.mark.parametrize("recipe", ["uniform-8", "mixed-4", "uniform-4"])
+def test_estimated_size_matches_written_size(checkpoint_16b, tmp_path, recipe):
+    result = convert(checkpoint_16b, tmp_path / "out", quantize=True, q_recipe=recipe)
+    model = load_model(checkpoint_16b)
+    estimate = estimate_bytes(model, quantization_plan(model, recipe), mx.bfloat16)
+    # The files add only their JSON headers (names, shapes, offsets) to the tensor bytes.
+    assert estimate <= result.bytes_on_disk <= estimate + 64_000
+
+
+def test_sharded_output_loads_and_a_missing_or_damaged_shard_fails_clearly(
+    checkpoint_450m, tmp_path
+):
+    result = convert(checkpoint_450m, tmp_path / "out", quantize=True, max_shard_bytes=4 << 20)
+    shards = sorted(result.path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    expected = in_memory(checkpoint_450m, "mixed-4", mx.bfloat16)(IDS)
+    assert mx.abs(load_model(result.path)(IDS) - expected).max().item() <= 1e-5
+
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(Lfm2VlError, match="damaged or incomplete"):
+        load_model(result.path)
+    shards[1].unlink()
+    with pytest.raises(Lfm2VlError, match="missing"):
+        load_model(result.path)
+
+
+class Injected(Exception):
+    pass
+
+
+def fail_while_writing(stage: str, done: int, total: int) -> None:
+    if stage == "write":
+        raise Injected
+
+
+def test_failure_leaves_no_output_and_no_temporary_folder(checkpoint_450m, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(Injected):
+        convert(checkpoint_450m, target, progress=fail_while_writing)
+    assert listing(tmp_path) == set()
+
+
+def test_existing_output_needs_force_and_survives_a_failed_replacement(checkpoint_450m, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.raises(Lfm2VlError, match="--force"):
+        convert(checkpoint_450m, target)
+    with pytest.raises(Injected):
+        convert(checkpoint_450m, target, force=True, progress=fail_while_writing)
+    assert listing(tmp_path) == {"out"} and listing(target) == {"mine.txt"}
+
+    result = convert(checkpoint_450m, target, force=True)
+    assert "mine.txt" not in listing(target) and "model.safetensors" in listing(target)
+    assert listing(tmp_path) == {"out"}
+    assert isinstance(result, ConversionResult)
+
+
+def test_output_inside_the_source_is_refused(checkpoint_450m):
+    with pytest.raises(Lfm2VlError, match="overlaps"):
+        convert(checkpoint_450m, checkpoint_450m / "mlx", quantize=True)
+    assert not (checkpoint_450m / "mlx").exists()
+
+
+def test_converting_a_quantized_folder_is_refused(checkpoint_450m, tmp_path):
+    result = convert(checkpoint_450m, tmp_path / "q", quantize=True)
+    with pytest.raises(Lfm2VlError, match="already quantized"):
+        convert(result.path, tmp_path / "again", quantize=True)
+
+
+def test_cli_converts_and_reports_errors_in_one_line(checkpoint_450m, tmp_path, capsys):
+    target = tmp_path / "out"
+    args = ["--hf-path", str(checkpoint_450m), "--mlx-path", str(target), "-q", "--q-bits", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "uniform-8" in captured.out and "quantize: " in captured.err
+    assert json.loads((target / "config.json").read_text())["quantization"]["bits"] == 8
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)  # exists, no --force
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error:") and "--force" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_top_level_entry_point_runs_the_same_cli():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "convert.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert "--q-recipe" in out and "mixed-4" in out
