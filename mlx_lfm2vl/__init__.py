@@ -10,12 +10,21 @@ Importing this package imports neither torch nor transformers.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .chat import Chat
-from .errors import Lfm2VlError
-from .generate import (
+# `python -m mlx_lfm2vl.generate` imports this package first, which imports the generate module
+# for the exports below; runpy then warns that the module it is about to run as __main__ was
+# already imported. Running it is safe (the CLI keeps no module state), so that one warning is
+# silenced rather than dropping `from mlx_lfm2vl import generate`.
+warnings.filterwarnings(
+    "ignore", message="'mlx_lfm2vl\\.generate' found in sys.modules", category=RuntimeWarning
+)
+
+from .chat import Chat  # noqa: E402
+from .errors import Lfm2VlError  # noqa: E402
+from .generate import (  # noqa: E402
     GenerationChunk,
     GenerationResult,
     GenerationStats,

@@ -683,4 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module (already imported by `mlx_lfm2vl/__init__`), not
+    # this second `__main__` copy, so there is one set of classes and functions.
+    from mlx_lfm2vl.generate import main as package_main
+
+    sys.exit(package_main())

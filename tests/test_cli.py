@@ -1,0 +1,197 @@
+"""`python -m mlx_lfm2vl.generate` end to end, in a subprocess: exit codes, stdout, stderr.
+
+The answer is compared with the Python API under the same options. Random weights mostly pick
+ids the small fixture tokenizer does not have (they decode to nothing), so the CLI runs on a copy
+of the 450M-like fixture whose embedding rows (the tied LM head) for those ids and for the
+special tokens are zero: the model then writes real text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_lfm2vl import generate, load
+
+EMBEDDINGS = "model.language_model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def talking_checkpoint(checkpoint_450m, tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer
+
+    folder = tmp_path_factory.mktemp("cli") / "talking"
+    shutil.copytree(checkpoint_450m, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    known = np.zeros(weights[EMBEDDINGS].shape[0], bool)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    special = set(tokenizer.get_added_tokens_decoder())
+    known[[i for i in tokenizer.get_vocab().values() if i < known.size and i not in special]] = 1
+    weights[EMBEDDINGS] = weights[EMBEDDINGS] * mx.array(known[:, None].astype(np.float32))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "picture.png"
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    coarse.resize((64, 64), Image.BILINEAR).save(path)
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lfm2vl.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).parents[1],
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_cli_streams_the_api_answer_to_stdout_and_stats_to_stderr(talking_checkpoint, image_file):
+    args = ["--model", str(talking_checkpoint), "--image", str(image_file)]
+    args += ["--prompt", "Describe this image.", "--system", "Be brief."]
+    args += ["--max-tokens", "12", "--temperature", "0"]
+    result = run_cli(*args, "--verbose")
+    assert result.returncode == 0, result.stderr
+
+    model, processor = load(talking_checkpoint)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}],
+        },
+    ]
+    expected = generate(model, processor, messages, [str(image_file)], max_tokens=12, temperature=0)
+    assert expected.text.strip()  # the fixture really talks
+    assert result.stdout == expected.text + "\n"
+    for needle in ("compute dtype float32", "device cpu", "time to first token", "tokens/s"):
+        assert needle in result.stderr
+    assert f"prompt: {expected.stats.prompt_tokens} tokens" in result.stderr
+    assert f"generation: {len(expected.tokens)} tokens" in result.stderr
+    assert "peak memory" in result.stderr
+
+    quiet = run_cli(*args)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, result.stdout, "")
+
+
+def test_cli_sampling_and_image_flags_reach_the_api(talking_checkpoint, image_file):
+    flags = ["--top-p", "0.9", "--top-k", "20", "--min-p", "0.05", "--repetition-penalty", "1.2"]
+    flags += ["--temperature", "0.8", "--seed", "5", "--max-tokens", "10"]
+    flags += ["--min-image-tokens", "16", "--max-image-tokens", "32", "--no-image-splitting"]
+    result = run_cli(
+        "--model", str(talking_checkpoint), "--image", str(image_file), "--prompt", "Hi", *flags
+    )
+    assert result.returncode == 0, result.stderr
+    model, processor = load(talking_checkpoint)
+    options = dict(top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.2, temperature=0.8)
+    image_options = dict(min_image_tokens=16, max_image_tokens=32, do_image_splitting=False)
+    expected = generate(
+        model, processor, "Hi", [str(image_file)], seed=5, max_tokens=10, **options, **image_options
+    )
+    assert result.stdout == expected.text + "\n"
+    assert expected.stats.image_tokens <= 32
+
+
+def test_cli_run_path_imports_neither_torch_nor_transformers(talking_checkpoint):
+    code = (
+        "import sys; from mlx_lfm2vl.generate import main; "
+        f"code = main(['--model', {str(talking_checkpoint)!r}, '--prompt', 'Hi', "
+        "'--max-tokens', '2']); "
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, "
+        "any(m.startswith('mlx_lm') for m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.splitlines()[-1] == "0 False False False", result.stderr
+
+
+def test_cli_help_lists_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--model",
+        "--image",
+        "--prompt",
+        "--system",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--min-p",
+        "--repetition-penalty",
+        "--min-image-tokens",
+        "--max-image-tokens",
+        "--no-image-splitting",
+        "--seed",
+        "--verbose",
+    ):
+        assert flag in result.stdout
+    assert "LiquidAI/LFM2-VL-450M" in result.stdout
+
+
+def test_cli_missing_image_is_one_line_error(talking_checkpoint, tmp_path):
+    missing = tmp_path / "nope.png"
+    result = run_cli("--model", str(talking_checkpoint), "--image", str(missing), "--prompt", "Hi")
+    assert_one_line_error(result, str(missing))
+    assert result.returncode == 1
+
+
+def test_cli_unreadable_image_is_one_line_error(talking_checkpoint, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    result = run_cli("--model", str(talking_checkpoint), "--image", str(broken), "--prompt", "Hi")
+    assert_one_line_error(result, "broken.png")
+
+
+def test_cli_bad_model_path_is_one_line_error(tmp_path):
+    result = run_cli("--model", str(tmp_path / "no-such-model"), "--prompt", "Hi")
+    assert_one_line_error(result, "no-such-model")
+    empty = run_cli("--model", str(tmp_path), "--prompt", "Hi")
+    assert_one_line_error(empty)
+
+
+def test_cli_hub_id_unavailable_offline_says_how_to_pass_a_folder(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("--prompt", "Hi", env=env)  # the default model, not in an empty cache
+    assert_one_line_error(result, "LiquidAI/LFM2-VL-450M", "folder")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prompt", "Hi", "--top-p", "2"],
+        ["--prompt", "Hi", "--max-tokens", "0"],
+        ["--prompt", "Hi", "--temperature", "warm"],
+        [],  # no --prompt
+        ["--prompt", "Hi", "--frobnicate"],
+    ],
+)
+def test_cli_usage_errors_are_one_line(args):
+    result = run_cli(*args)
+    assert_one_line_error(result)
+    assert result.returncode == 2
