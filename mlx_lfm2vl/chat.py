@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import snapshot
+from .errors import Lfm2VlError
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
@@ -47,6 +48,24 @@ _SAMPLING_OPTIONS = (
     "repetition_penalty",
     "repetition_context_size",
 )
+_TURN_OPTIONS = (
+    *_SAMPLING_OPTIONS,
+    "max_tokens",
+    "stop",
+    "seed",
+    "logits_processors",
+    "should_stop",
+    "prefill_step_size",
+)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_TURN_OPTIONS))
+    if unknown:
+        raise Lfm2VlError(
+            f"unknown Chat option(s) {', '.join(unknown)}: valid ones are "
+            f"{', '.join(_TURN_OPTIONS)}; image options go in image_options={{...}}"
+        )
 
 
 class Chat:
@@ -72,6 +91,7 @@ class Chat:
     ):
         self.model = model
         self.processor = processor
+        _check_options(options)
         self.image_options = dict(image_options or {})
         self.options = options
         self.messages: list[dict[str, Any]] = []
@@ -116,6 +136,7 @@ class Chat:
         if images is None:
             images = []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        _check_options(options)
         options = {**self.options, **options}
         settings = checkpoint_sampling(self.processor).override(
             **{k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}

@@ -390,3 +390,11 @@ def test_chat_reset_forgets_the_conversation_but_keeps_the_system_message(checkp
     chat.reset()
     assert chat.messages == [{"role": "system", "content": "Be brief."}] and chat.images == []
     assert chat.ask("Hello", image(64, 64)).tokens == first.tokens
+
+
+def test_chat_rejects_unknown_options(checkpoint_450m):
+    model, processor = loaded(checkpoint_450m)
+    with pytest.raises(Lfm2VlError, match="max_token"):
+        Chat(model, processor, max_token=3)
+    with pytest.raises(Lfm2VlError, match="image_options"):
+        next(Chat(model, processor).send("Hi", max_image_tokens=64))
