@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from reference import max_error, reference_model
+from reference import max_error
 
 from mlx_lfm2vl import Lfm2VlError
 from mlx_lfm2vl.loading import hf_to_mlx_name, load_model
@@ -23,6 +23,13 @@ PROMPT = mx.array([[1, 6, 600, 700, 800, 900, 7, 6, 650]], dtype=mx.int32)
 
 def text_logits(folder: Path, **kwargs) -> mx.array:
     return load_model(folder, **kwargs)(PROMPT)
+
+
+def fresh_reference(folder: Path):
+    """A reference model of its own: casting the shared cached one would change it for others."""
+    from transformers import Lfm2VlForConditionalGeneration
+
+    return Lfm2VlForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
 
 
 def copy_checkpoint(source: Path, target: Path) -> Path:
@@ -46,13 +53,11 @@ def test_sharded_bf16_and_fp16_checkpoints_load_and_match_the_reference(tmp_path
     """bf16/fp16 weights in small shards; the reference reads the same rounded weights."""
     from transformers import Lfm2VlForConditionalGeneration
 
-    source = reference_model(checkpoint_450m)
     for dtype in (torch.bfloat16, torch.float16):
         folder = tmp_path / str(dtype)
         copy_checkpoint(checkpoint_450m, folder)
         (folder / "model.safetensors").unlink()
-        source.to(dtype).save_pretrained(folder, max_shard_size="5MB")
-        source.to(torch.float32)
+        fresh_reference(checkpoint_450m).to(dtype).save_pretrained(folder, max_shard_size="5MB")
         assert (folder / "model.safetensors.index.json").exists()
         assert len(list(folder.glob("*.safetensors"))) > 1
         reference = Lfm2VlForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
@@ -65,8 +70,7 @@ def test_sharded_bf16_and_fp16_checkpoints_load_and_match_the_reference(tmp_path
 def test_stored_dtype_is_kept_when_asked(tmp_path, checkpoint_450m):
     folder = copy_checkpoint(checkpoint_450m, tmp_path / "bf16")
     (folder / "model.safetensors").unlink()
-    reference_model(checkpoint_450m).to(torch.bfloat16).save_pretrained(folder)
-    reference_model(checkpoint_450m).to(torch.float32)
+    fresh_reference(checkpoint_450m).to(torch.bfloat16).save_pretrained(folder)
     model = load_model(folder, dtype="bfloat16")
     assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
     assert load_model(folder, dtype="float32").language_model.embed_tokens.weight.dtype == (
@@ -146,7 +150,7 @@ def test_config_from_another_checkpoint_is_a_clear_shape_error(tmp_path, checkpo
 def test_missing_or_damaged_shards_are_clear_errors(tmp_path, checkpoint_450m):
     folder = copy_checkpoint(checkpoint_450m, tmp_path / "sharded")
     (folder / "model.safetensors").unlink()
-    reference_model(checkpoint_450m).save_pretrained(folder, max_shard_size="5MB")
+    fresh_reference(checkpoint_450m).save_pretrained(folder, max_shard_size="5MB")
     shards = sorted(folder.glob("model-*.safetensors"))
     damaged = shards[0].read_bytes()
     shards[0].write_bytes(damaged[: len(damaged) // 2])
