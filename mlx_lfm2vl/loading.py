@@ -40,8 +40,11 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
     except HFValidationError as e:
         raise Lfm2VlError(f"{name!r} is not a valid hub id ({e}); pass a local folder") from None
     except Exception as e:  # offline, not found, gated, network errors: all mean "not available"
+        reason = " ".join(str(e).split())  # hub errors span lines; ours is read as one
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
         raise Lfm2VlError(
-            f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {reason}). "
             "If you have the checkpoint on disk, pass its folder instead, e.g. "
             "--model /path/to/LFM2-VL-450M (a folder with config.json and *.safetensors)"
         ) from None
