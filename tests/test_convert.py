@@ -24,6 +24,7 @@ from mlx_lfm2vl.convert import (
     quantize_model,
 )
 from mlx_lfm2vl.errors import Lfm2VlError
+from mlx_lfm2vl.image_processor import ImageProcessor
 from mlx_lfm2vl.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,21 @@ PROCESSOR_FILES = (
     "processor_config.json",
     "generation_config.json",
 )
+
+
+def image_inputs(folder: Path) -> dict:
+    """A small image prompt: exercises the vision tower and projector, not only the LM."""
+    config = json.loads((folder / "config.json").read_text())
+    y, x = np.mgrid[0:160, 0:224]
+    image = np.stack([x % 256, y % 256, (x * y) % 256], axis=-1).astype(np.uint8)
+    batch = ImageProcessor.from_pretrained(folder)(image, do_image_splitting=False)
+    n_tokens = int(sum((h // 2) * (w // 2) for h, w in batch.spatial_shapes))
+    ids = [1, 6, 1200, 498] + [config["image_token_id"]] * n_tokens + [499, 4000, 5000, 700]
+    return {
+        "input_ids": mx.array([ids], dtype=mx.int32),
+        "pixel_values": mx.array(batch.pixel_values),
+        "spatial_shapes": batch.spatial_shapes,
+    }
 
 
 def in_memory(source: Path, recipe: str | None, dtype: mx.Dtype) -> nn.Module:
@@ -66,8 +82,9 @@ def test_round_trip_gives_the_logits_of_converting_in_memory(checkpoint, tmp_pat
     result = convert(checkpoint, tmp_path / "out", quantize=recipe is not None, q_recipe=recipe)
     loaded = load_model(result.path)  # float32 compute on the CPU
     expected = in_memory(checkpoint, recipe, mx.bfloat16)
+    inputs = image_inputs(checkpoint)
     # Same stored values, same float32 arithmetic: identical up to summation order.
-    assert mx.abs(loaded(IDS) - expected(IDS)).max().item() <= 1e-5
+    assert mx.abs(loaded(**inputs) - expected(**inputs)).max().item() <= 1e-5
 
 
 def test_output_folder_holds_config_shards_and_every_processor_file(checkpoint_450m, tmp_path):
@@ -147,9 +164,10 @@ def test_float_formats_convert_and_load(checkpoint_450m, tmp_path):
     embedding = model.language_model.embed_tokens
     assert (w1.mode, w1.bits, w1.group_size) == ("mxfp4", 4, 32)
     assert (embedding.mode, embedding.bits) == ("mxfp8", 8)  # the recipe's 8-bit level
-    reference = load_model(checkpoint_450m)(IDS)
-    assert np.isfinite(np.array(model(IDS))).all()
-    assert mx.abs(model(IDS) - reference).max().item() < mx.abs(reference).max().item()
+    inputs = image_inputs(checkpoint_450m)
+    reference = load_model(checkpoint_450m)(**inputs)
+    assert np.isfinite(np.array(model(**inputs))).all()
+    assert mx.abs(model(**inputs) - reference).max().item() < mx.abs(reference).max().item()
 
 
 def test_loader_casts_scales_to_the_compute_dtype_without_changing_logits(
@@ -159,7 +177,8 @@ def test_loader_casts_scales_to_the_compute_dtype_without_changing_logits(
     model = load_model(result.path)  # CPU default: float32 compute
     w1 = model.language_model.layers[0].feed_forward.w1
     assert w1.scales.dtype == mx.float32 and w1.biases.dtype == mx.float32
-    fast = model(IDS)
+    inputs = image_inputs(checkpoint_450m)
+    fast = model(**inputs)
     # The former behaviour: scales and biases kept in bf16. bf16 -> float32 is exact, so the
     # dequantized weights are the same; only the kernel's accumulation precision differs.
     model.update(
@@ -171,7 +190,7 @@ def test_loader_casts_scales_to_the_compute_dtype_without_changing_logits(
             ]
         )
     )
-    slow = model(IDS)
+    slow = model(**inputs)
     assert mx.abs(fast - slow).max().item() <= 2e-2 * mx.abs(fast).max().item()
     bf16 = load_model(result.path, dtype="bfloat16").language_model.layers[0].feed_forward.w1
     assert bf16.scales.dtype == mx.bfloat16
