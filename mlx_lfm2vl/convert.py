@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig
 from .errors import Lfm2VlError
-from .loading import read_weights, resolve_model_path, sanitize
+from .loading import _check_names, read_weights, resolve_model_path, sanitize
 from .models.lfm2_vl import Lfm2VlModel
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -384,6 +384,7 @@ def convert(
     weights = sanitize(read_weights(source), config)
     # Float weights go straight to the output dtype; quantized layers are recomputed from a
     # float32 copy of the source weights in quantize_model (exact for bf16/fp16 sources).
+    _check_names(model, weights, source)  # a clear error for a config/weights mismatch
     model.load_weights(list(weights.items()), strict=True)
     params = parameter_count(model)
     if progress is not None:
@@ -421,9 +422,12 @@ def _cli_progress(stage: str, done: int, total: int) -> None:
         if done == 0:
             print("loading the checkpoint...", file=sys.stderr)
         return
-    # One line, rewritten in place; a newline once the stage is complete.
-    end = "\n" if done == total else ""
-    print(f"\r{stage}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    # On a terminal one line rewritten in place; in a log, only the completed stage.
+    if sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\r{stage}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    elif done == total:
+        print(f"{stage}: {done}/{total}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
