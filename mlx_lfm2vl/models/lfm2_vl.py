@@ -48,7 +48,9 @@ class Lfm2VlModel(nn.Module):
         for view, shape in enumerate(shapes):
             by_shape.setdefault(shape, []).append(view)
 
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        # The compute dtype of the tower: a LayerNorm's, since a quantized layer's weight dtype
+        # is its packed integer type.
+        dtype = self.vision_tower.post_layernorm.weight.dtype
         pixel_values = pixel_values.astype(dtype)
         per_view: list[mx.array | None] = [None] * len(shapes)
         for (h, w), views in by_shape.items():
