@@ -97,6 +97,7 @@ class Processor:
         image_thumbnail_token: str = "<|img_thumbnail|>",
         use_image_special_tokens: bool = True,
         eos_token_ids: Sequence[int] = (),
+        generation_config: dict[str, Any] | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -116,6 +117,8 @@ class Processor:
         ids = list(eos_token_ids) + ([_token_id(tokenizer, eos)] if eos else [])
         self.eos_token_ids: list[int] = list(dict.fromkeys(ids))  # ordered, no duplicates
         self._template = _compile_template(chat_template)
+        # The checkpoint's generation_config.json: generation reads its sampling defaults here.
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Processor:
@@ -128,6 +131,7 @@ class Processor:
         - `use_image_special_tokens`: `processor_config.json`, at the top level or under its
           `"image_processor"` object (default true);
         - end-of-sequence ids: `generation_config.json`'s `eos_token_id` plus the eos token;
+          the whole file is kept as `generation_config` (sampling defaults);
         - image settings: `ImageProcessor.from_pretrained` (see `resolve_settings`).
         """
         folder = Path(folder)
@@ -147,7 +151,8 @@ class Processor:
         use_special = processor_config.get(
             "use_image_special_tokens", nested.get("use_image_special_tokens")
         )
-        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        generation_config = _read_json(folder / "generation_config.json")
+        eos = generation_config.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
         processor = cls(
@@ -163,6 +168,7 @@ class Processor:
             image_thumbnail_token=image_special("image_thumbnail_token", "<|img_thumbnail|>"),
             use_image_special_tokens=True if use_special is None else bool(use_special),
             eos_token_ids=eos_ids,
+            generation_config=generation_config,
         )
         config = _read_json(folder / "config.json")
         model_image_id = config.get("image_token_id", config.get("image_token_index"))

@@ -179,3 +179,24 @@ def test_defaults_are_the_model_card_values_unless_generation_config_sets_them(t
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(Lfm2VlError, match="generation_config.json"):
         SamplingSettings.from_folder(tmp_path)
+
+
+def test_checkpoint_generation_config_sets_the_api_sampling_defaults(checkpoint_450m, tmp_path):
+    import shutil
+
+    from mlx_lfm2vl.generate import checkpoint_sampling
+    from mlx_lfm2vl.processor import Processor
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_450m, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    published = checkpoint_sampling(Processor.from_pretrained(folder))
+    assert published == SamplingSettings()  # the published file sets no sampling fields
+
+    config = {"eos_token_id": 7, "temperature": 0.7, "top_k": 5}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    settings = checkpoint_sampling(Processor.from_pretrained(folder))
+    assert (settings.temperature, settings.top_k, settings.min_p) == (0.7, 5, 0.15)
+
+    config["do_sample"] = False
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    assert checkpoint_sampling(Processor.from_pretrained(folder)).temperature == 0.0
