@@ -304,7 +304,13 @@ def test_detokenizer_emits_whole_characters_and_joins_to_the_decode(tokenizer, t
     detokenizer = StreamingDetokenizer(tokenizer)
     pieces = [detokenizer.add(i) for i in ids] + [detokenizer.flush()]
     assert all("\ufffd" not in piece for piece in pieces)
-    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert "".join(pieces) == tokenizer.decode(ids)
+    # Special tokens typed as text (e.g. "<image>") are skipped by both decodes alike.
+    special = {
+        token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special
+    }
+    if not any(token in text for token in special):
+        assert "".join(pieces) == text
 
 
 def test_detokenizer_holds_each_byte_of_a_character_until_it_is_complete(tokenizer):
