@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# CI runs the property tests on a fixed sequence of examples so that a landing never depends on
+# luck; local runs keep exploring new examples (and hypothesis replays any failure it found).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from checkpoints import FIXTURES, build_checkpoint  # noqa: E402
 
