@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 
 from .errors import Lfm2VlError
 from .image_processor import ImageBatch, ImageInput, ImageProcessor, ImageProcessorSettings
+from .image_processor import _read_json as _read_json_object
 
 Message = Mapping[str, Any]
 
@@ -339,15 +340,7 @@ class Processor:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise Lfm2VlError(f"Cannot read {path}: {e}. Re-download the checkpoint file.") from e
-    if not isinstance(data, dict):
-        raise Lfm2VlError(f"{path} does not hold a JSON object. Re-download the checkpoint file.")
-    return data
+    return _read_json_object(path) if path.is_file() else {}
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reference import reference_model, reference_processor
 
 from mlx_lfm2vl import Chat, Lfm2VlError, generate, load, stream_generate
 from mlx_lfm2vl.generate import StopStrings, StreamingDetokenizer, prefill
@@ -30,21 +31,6 @@ GREEDY_TOKENS = 48
 @lru_cache(maxsize=4)
 def loaded(folder: Path):
     return load(folder)
-
-
-@lru_cache(maxsize=4)
-def reference_model(folder: Path):
-    import torch
-    from transformers import Lfm2VlForConditionalGeneration
-
-    return Lfm2VlForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-@lru_cache(maxsize=4)
-def reference_processor(folder: Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(folder)
 
 
 def image(height: int, width: int, seed: int = 0) -> Image.Image:
