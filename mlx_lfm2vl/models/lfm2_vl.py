@@ -14,7 +14,7 @@ import numpy as np
 from ..cache import ConvCache, KVCache
 from ..config import ModelConfig
 from ..errors import Lfm2VlError
-from .lfm2 import Lfm2Model
+from .lfm2 import Lfm2Model, Linear, matvec
 from .projector import MultiModalProjector
 from .siglip2 import VisionModel
 
@@ -27,7 +27,7 @@ class Lfm2VlModel(nn.Module):
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = Lfm2Model(config.text)
         if not config.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     def get_image_features(self, pixel_values: mx.array, spatial_shapes) -> mx.array:
         """Packed patches of all views -> image embeddings (tokens, text hidden), in view order.
@@ -106,7 +106,10 @@ class Lfm2VlModel(nn.Module):
     def lm_head_logits(self, hidden: mx.array) -> mx.array:
         if "lm_head" in self:
             return self.lm_head(hidden)
-        return self.language_model.embed_tokens.as_linear(hidden)
+        embed = self.language_model.embed_tokens
+        if hidden.size == hidden.shape[-1] and type(embed) is nn.Embedding:
+            return matvec(embed.weight, hidden)
+        return embed.as_linear(hidden)
 
     def make_cache(self) -> list[KVCache | ConvCache]:
         return self.language_model.make_cache()
