@@ -13,6 +13,7 @@ Parameter names follow the reference (`model.vision_tower.*`): `embeddings.patch
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import mlx.core as mx
@@ -49,6 +50,20 @@ def position_resize_matrix(grid: int, height: int, width: int) -> mx.array:
     rows = _antialiased_bilinear_weights(grid, height)
     cols = _antialiased_bilinear_weights(grid, width)
     return mx.array(np.kron(rows, cols).astype(np.float32))
+
+
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+@mx.compile
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation (torch's `gelu_pytorch_tanh`), written with a sigmoid.
+
+    0.5 * (1 + tanh(z)) == sigmoid(2z): the same function. On MLX's CPU backend, where
+    transcendental functions run unvectorised, this costs ~40% less than `nn.gelu_approx` at
+    the vision MLP's width (55 vs 92 ms on 1024x3072, interleaved medians); agrees to ~5e-7.
+    """
+    return x * mx.sigmoid(_GELU_2C * (x + 0.044715 * x * x * x))
 
 
 class VisionEmbeddings(nn.Module):
@@ -94,7 +109,7 @@ class MLP(nn.Module):
         super().__init__()
         if config.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"unsupported vision activation {config.hidden_act!r}")
-        self.activation = nn.gelu_approx if config.hidden_act == "gelu_pytorch_tanh" else nn.gelu
+        self.activation = gelu_tanh if config.hidden_act == "gelu_pytorch_tanh" else nn.gelu
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
