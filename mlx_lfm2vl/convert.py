@@ -478,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
                 progress=_cli_progress,
             )
         except Lfm2VlError as e:
-            raise click.ClickException(str(e)) from None
+            # One line on stderr, worded like the generate CLI's.
+            click.echo(f"error: {e}", err=True)
+            raise SystemExit(1) from None
         what = f"recipe {result.quantization['recipe']}" if result.quantization else dtype
         click.echo(
             f"wrote {result.path} ({what}): {result.bytes_on_disk / 1e6:.1f} MB, "

@@ -303,7 +303,7 @@ def test_cli_converts_and_reports_errors_in_one_line(checkpoint_450m, tmp_path, 
         main(args)  # exists, no --force
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("Error:") and "--force" in err and "Traceback" not in err
+    assert err.startswith("error:") and "--force" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
 
 
