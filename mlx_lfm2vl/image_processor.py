@@ -28,6 +28,7 @@ import math
 import os
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -599,6 +600,28 @@ class _AxisPlan:
         self.out_size = out_size
 
 
+_THREADS = min(4, os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_THREADS, thread_name_prefix="lfm2vl-resize")
+
+
+def _run_chunks(run, starts: range) -> None:
+    """Run independent chunks of a resize pass, on several cores when the image is large.
+
+    Each chunk's BLAS call stays single-threaded (`_CALL_WORK`), and NumPy releases the GIL in
+    its loops, so chunks spread over threads; chunks write disjoint output slices.
+    """
+    if len(starts) < 4 or _THREADS == 1:
+        for start in starts:
+            run(start)
+        return
+    for future in [_pool().submit(run, start) for start in starts]:
+        future.result()
+
+
 @lru_cache(maxsize=128)
 def _axis_plan(in_size: int, out_size: int, resample: int) -> _AxisPlan:
     return _AxisPlan(in_size, out_size, resample)
@@ -640,7 +663,8 @@ def _resample_rows(x: np.ndarray, plans: list[_AxisPlan]) -> list[np.ndarray]:
     outs = [np.empty((rows, plan.out_size), np.uint8) for plan in plans]
     chunk = max(1, min(_CALL_WORK // (p.length * p.weights.shape[1]) for p in plans))
     width = max(p.padded for p in plans)
-    for r0 in range(0, rows, chunk):
+
+    def run(r0: int) -> None:
         xr = x[r0 : r0 + chunk]
         n = xr.shape[0]
         converted: dict[tuple[type, int], np.ndarray] = {}
@@ -660,6 +684,8 @@ def _resample_rows(x: np.ndarray, plans: list[_AxisPlan]) -> list[np.ndarray]:
             sums = np.empty((n, num_windows, per_window), plan.dtype)
             np.matmul(windows, plan.weights_t, out=sums.transpose(1, 0, 2))
             out[r0 : r0 + n] = _round_to_uint8(sums.reshape(n, -1), plan, axis=1)
+
+    _run_chunks(run, range(0, rows, chunk))
     return outs
 
 
@@ -669,7 +695,8 @@ def _resample_columns(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
     out = np.empty((plan.out_size, cols), np.uint8)
     num_windows, per_window, _ = plan.weights.shape
     chunk = max(1, _CALL_WORK // (plan.length * per_window))
-    for c0 in range(0, cols, chunk):
+
+    def run(c0: int) -> None:
         xc = x[:, c0 : c0 + chunk]
         n = xc.shape[1]
         buf = _float_input(xc, plan.dtype, plan.center, (plan.padded, n))
@@ -682,6 +709,8 @@ def _resample_columns(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
         )
         sums = np.matmul(plan.weights, windows)  # (windows, per_window, n)
         out[:, c0 : c0 + n] = _round_to_uint8(sums.reshape(-1, n), plan, axis=0)
+
+    _run_chunks(run, range(0, cols, chunk))
     return out
 
 
