@@ -227,15 +227,50 @@ def load_image(source: ImageInput, max_input_pixels: int = DEFAULT_MAX_INPUT_PIX
 def load_planes(
     source: ImageInput, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
 ) -> list[np.ndarray]:
-    """`load_image`, as three (H, W) uint8 planes R, G, B: the layout the resampler reads.
+    """`load_image`, as three (H, W) uint8 planes R, G, B: the layout the resampler reads."""
+    return _load_rows(source, max_input_pixels).planes()
 
-    Planes skip Pillow's interleaved RGB export, the slowest step of loading a large photo.
+
+class RgbRows:
+    """A loaded image's R, G and B planes, read by ranges of rows.
+
+    Arrays are sliced. A PIL image is exported band by band (Pillow packs one band about 5x
+    faster than it interleaves RGB: 4032x3024, 3 x 3.5 ms against 49 ms) and, when the resampler
+    reads it in row stripes, stripe by stripe: a large photo then never exists as three full
+    uint8 planes (36 MB for 4032x3024) beside Pillow's own copy, which saves the memory and,
+    more costly, the page faults of touching it.
     """
+
+    def __init__(self, planes: list[np.ndarray] | None = None, image: Image.Image | None = None):
+        self._planes = planes
+        self._image = image
+        self.height, self.width = planes[0].shape if planes else (image.height, image.width)
+        self.channels = len(planes) if planes else 3
+
+    def rows(self, r0: int, r1: int) -> list[np.ndarray]:
+        """Rows [r0, r1) of each plane, (r1 - r0, width) uint8."""
+        if self._planes is not None:
+            return [plane[r0:r1] for plane in self._planes]
+        image = self._image
+        if (r0, r1) != (0, self.height):
+            image = image.crop((0, r0, self.width, r1))
+        bands = [image.tobytes("raw", band) for band in "RGB"]
+        return [np.frombuffer(band, np.uint8).reshape(r1 - r0, self.width) for band in bands]
+
+    def planes(self) -> list[np.ndarray]:
+        """The whole planes (exported once and kept, for a PIL image)."""
+        if self._planes is None:
+            self._planes = self.rows(0, self.height)
+        return self._planes
+
+
+def _load_rows(source: ImageInput, max_input_pixels: int) -> RgbRows:
+    """`load_image` without the export of the pixels (see `RgbRows`)."""
     if isinstance(source, np.ndarray):
         array = _check_size(_array_to_rgb(source), max_input_pixels)
-        return [array[:, :, c] for c in range(3)]
+        return RgbRows([array[:, :, c] for c in range(3)])
     if isinstance(source, Image.Image):
-        return _pil_to_planes(source, max_input_pixels, "the PIL image")
+        return _pil_to_rows(source, max_input_pixels, "the PIL image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), "the image bytes", max_input_pixels)
     if isinstance(source, (str, os.PathLike)):
@@ -270,7 +305,7 @@ def _fetch_url(url: str) -> bytes:
         ) from e
 
 
-def _decode(data: bytes, name: str, max_input_pixels: int) -> list[np.ndarray]:
+def _decode(data: bytes, name: str, max_input_pixels: int) -> RgbRows:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -280,10 +315,10 @@ def _decode(data: bytes, name: str, max_input_pixels: int) -> list[np.ndarray]:
             f"Cannot decode {name}: not a supported image file ({e}). "
             "Use a JPEG, PNG, WebP, GIF, BMP or TIFF file."
         ) from e
-    return _pil_to_planes(image, max_input_pixels, name)
+    return _pil_to_rows(image, max_input_pixels, name)
 
 
-def _pil_to_planes(image: Image.Image, max_input_pixels: int, name: str) -> list[np.ndarray]:
+def _pil_to_rows(image: Image.Image, max_input_pixels: int, name: str) -> RgbRows:
     width, height = image.size
     # Check before decoding the pixel data: Image.open only read the header.
     _check_dims(height, width, max_input_pixels, name)
@@ -297,14 +332,10 @@ def _pil_to_planes(image: Image.Image, max_input_pixels: int, name: str) -> list
             array = np.asarray(image)
             array = np.clip(array.astype(np.int64), 0, 65535) >> 8
             rgb = _array_to_rgb(array.astype(np.uint8))
-            return [rgb[:, :, c] for c in range(3)]
+            return RgbRows([rgb[:, :, c] for c in range(3)])
         if image.mode != "RGB":
             image = image.convert("RGB")
-        # One raw export per band: Pillow packs a single band about 5x faster than it
-        # interleaves RGB (4032x3024: 3 x 3.5 ms against 49 ms), and planes need no reordering.
-        shape = (image.height, image.width)
-        bands = [image.tobytes("raw", band) for band in "RGB"]
-        return [np.frombuffer(band, np.uint8).reshape(shape) for band in bands]
+        return RgbRows(image=image)
     except Image.DecompressionBombError as e:
         raise Lfm2VlError(f"{name} is too large to decode safely ({e}). Downscale it first.") from e
     except (OSError, ValueError, SyntaxError) as e:
@@ -699,22 +730,25 @@ def _float_input(
     return buf
 
 
-def _resample_rows(planes: Sequence[np.ndarray], plans: list[_AxisPlan]) -> list[np.ndarray]:
+def _resample_rows(source: RgbRows, plans: list[_AxisPlan]) -> list[np.ndarray]:
     """Horizontal pass: resample axis 1 of each (rows, in) uint8 plane with each plan.
 
-    Returns one (planes, rows, out) array per plan. The plans share the input, converted once
-    per row chunk for each (dtype, center) they need.
+    Returns one (planes, rows, out) array per plan. The plans share the input, read and
+    converted once per row chunk (for each (dtype, center) they need).
     """
-    rows = planes[0].shape[0]
-    outs = [np.empty((len(planes), rows, plan.out_size), np.uint8) for plan in plans]
+    rows = source.height
+    outs = [np.empty((source.channels, rows, plan.out_size), np.uint8) for plan in plans]
     chunk = max(1, min(_CALL_WORK // (p.length * p.weights.shape[1]) for p in plans))
     # One buffer layout for all plans: the input starts at column `lead`, and each plan's
     # windows start where its own lead of zeros does.
     lead = max(p.lead for p in plans)
     width = lead + max(p.padded - p.lead for p in plans)
 
-    def run(index: int, r0: int) -> None:
-        xr = planes[index][r0 : r0 + chunk]
+    def run(r0: int) -> None:
+        for index, xr in enumerate(source.rows(r0, min(r0 + chunk, rows))):
+            run_plane(index, r0, xr)
+
+    def run_plane(index: int, r0: int, xr: np.ndarray) -> None:
         n = xr.shape[0]
         converted: dict[tuple[type, int], np.ndarray] = {}
         for plan, out in zip(plans, outs, strict=True):
@@ -734,7 +768,7 @@ def _resample_rows(planes: Sequence[np.ndarray], plans: list[_AxisPlan]) -> list
             np.matmul(windows, plan.weights_t, out=sums.transpose(1, 0, 2))
             _round_to_uint8(sums.reshape(n, -1), plan, 1, out[index, r0 : r0 + n])
 
-    _run_chunks(run, [(i, r0) for i in range(len(planes)) for r0 in range(0, rows, chunk)])
+    _run_chunks(run, [(r0,) for r0 in range(0, rows, chunk)])
     return outs
 
 
@@ -764,26 +798,36 @@ def _resample_columns(planes: Sequence[np.ndarray], plan: _AxisPlan) -> np.ndarr
 
 
 def resize_planes_many(
-    planes: Sequence[np.ndarray], sizes: list[tuple[int, int]], resample: int = 3
+    planes: Sequence[np.ndarray] | RgbRows, sizes: list[tuple[int, int]], resample: int = 3
 ) -> list[np.ndarray]:
-    """Resize uint8 planes (a (C, H, W) array or a list of (H, W) arrays) to each (height,
-    width) in `sizes`, bit-equal to torchvision's `resize(..., antialias=True)` on uint8 CPU
-    tensors (2 bilinear, 3 bicubic). Returns (C, height, width) arrays.
+    """Resize uint8 RGB planes (a (3, H, W) array, a list of three (H, W) arrays or an
+    `RgbRows`) to each (height, width) in `sizes`, bit-equal to torchvision's
+    `resize(..., antialias=True)` on uint8 CPU tensors (2 bilinear, 3 bicubic). Returns
+    (3, height, width) arrays.
 
-    Several sizes of one image share the conversion work of the horizontal pass.
+    Several sizes of one image share the reading and conversion work of the horizontal pass.
     """
-    in_h, in_w = planes[0].shape
+    source = planes if isinstance(planes, RgbRows) else RgbRows(list(planes))
+    return [
+        x if isinstance(x, np.ndarray) else np.stack(x) for x in _resize(source, sizes, resample)
+    ]
+
+
+def _resize(
+    source: RgbRows, sizes: list[tuple[int, int]], resample: int
+) -> list[np.ndarray | list[np.ndarray]]:
+    """`resize_planes_many`, but a size equal to the input's gives the planes as they are."""
+    in_h, in_w = source.height, source.width
     widths = sorted({w for _, w in sizes if w != in_w})
     plans = [_axis_plan(in_w, w, resample) for w in widths]
-    passes = _resample_rows(planes, plans) if plans else []
+    passes = _resample_rows(source, plans) if plans else []
     by_width: dict[int, Sequence[np.ndarray]] = dict(zip(widths, passes, strict=True))
-    by_width[in_w] = planes
     results = []
     for height, width in sizes:
-        x = by_width[width]
+        x = by_width[width] if width in by_width else source.planes()
         if height != in_h:
             x = _resample_columns(x, _axis_plan(in_h, height, resample))
-        results.append(np.asarray(x) if isinstance(x, np.ndarray) else np.stack(x))
+        results.append(x)
     return results
 
 
@@ -803,6 +847,7 @@ def resize(image: np.ndarray, height: int, width: int, resample: int = 3) -> np.
 # --------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=16)
 def _value_table(s: ImageProcessorSettings) -> np.ndarray:
     """(3, 256) float32: the normalized value of every uint8 level, per channel.
 
@@ -825,13 +870,16 @@ def _value_table(s: ImageProcessorSettings) -> np.ndarray:
     return levels
 
 
-def _write_patches(view: np.ndarray, table: np.ndarray, patch: int, out: np.ndarray) -> None:
-    """Normalize a (C, H, W) uint8 view through `table` (`_value_table`) into `out`.
+def _write_patches(
+    view: np.ndarray | list[np.ndarray], table: np.ndarray, patch: int, out: np.ndarray
+) -> None:
+    """Normalize a (C, H, W) uint8 view (or its C planes) through `table` (`_value_table`)
+    into `out`.
 
     `out` is (h * w, patch * patch * C): patches row-major over the grid, each laid out
     (py, px, c).
     """
-    channels, height, width = view.shape
+    channels, (height, width) = len(view), view[0].shape
     h, w = height // patch, width // patch
     # Reorder the uint8 pixels (1 byte each, not 4) into patch layout, then look up the floats.
     # Interleaving the channels first keeps both copies sequential (3x faster than one
@@ -903,8 +951,8 @@ class ImageProcessor:
 
         loaded = []
         for source in images:
-            planes = load_planes(source, s.max_input_pixels)
-            loaded.append((planes, plan_image(*planes[0].shape, s)))
+            rows = _load_rows(source, s.max_input_pixels)
+            loaded.append((rows, plan_image(rows.height, rows.width, s)))
 
         p = s.encoder_patch_size
         shapes = [(h // p, w // p) for _, layout in loaded for h, w in layout.view_shapes]
@@ -914,7 +962,8 @@ class ImageProcessor:
         row = 0
         for planes, layout in loaded:
             for view in self._views(planes, layout, s.resample):
-                count = (view.shape[1] // p) * (view.shape[2] // p)
+                height, width = view[0].shape
+                count = (height // p) * (width // p)
                 tasks.append((view, table, p, pixel_values[row : row + count]))
                 row += count
         _run_chunks(_write_patches, tasks)
@@ -932,10 +981,14 @@ class ImageProcessor:
 
     @staticmethod
     def _views(
-        planes: Sequence[np.ndarray], layout: ImageLayout, resample: int
-    ) -> list[np.ndarray]:
+        planes: RgbRows, layout: ImageLayout, resample: int
+    ) -> list[np.ndarray | list[np.ndarray]]:
+        """Each view's (C, H, W) pixels (or C planes), in output order."""
         sizes = [layout.resized] + ([layout.thumbnail] if layout.thumbnail else [])
-        resized, *thumbnail = resize_planes_many(planes, sizes, resample)
+        resized, *thumbnail = _resize(planes, sizes, resample)
+        if layout.rows * layout.cols == 1:
+            return [resized, *thumbnail]
+        resized = np.stack(resized) if isinstance(resized, list) else resized
         tile_h, tile_w = layout.resized[0] // layout.rows, layout.resized[1] // layout.cols
         views = [
             resized[:, r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w]
