@@ -332,7 +332,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--torch-python", help="python of an environment with torch+transformers")
-    parser.add_argument("--stages", default="all", help="all, or decode (text-only prompt)")
+    parser.add_argument(
+        "--stages",
+        default="all",
+        choices=["all", "vision", "decode"],
+        help="all; vision (preprocessing, vision tower); decode (text-only prompt)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONTENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -375,7 +380,7 @@ def main() -> None:
     images = {label: image(size) for label, size in IMAGES.items()}
     prepared = {c.name: {k: c.preprocess(v) for k, v in images.items()} for c in contenders}
     prompt_tokens = {k: prepared["port"][k]["input_ids"].shape[1] for k in images}
-    if args.stages == "all":
+    if args.stages in ("all", "vision"):
         for label in ("256x384", "1024x768 tiled"):
             stage(
                 f"preprocess {label}",
@@ -389,6 +394,7 @@ def main() -> None:
                 "s",
                 lambda c, label=label: timed(lambda: c.vision(prepared[c.name][label])),
             )
+    if args.stages == "all":
         for label in ("256x384", "1024x768 tiled"):
             n = args.tokens + 1 if label == "256x384" else 1
             ttft: dict[str, list[float]] = {c.name: [] for c in contenders}
@@ -434,7 +440,7 @@ def main() -> None:
                     )
                 )
             print(rows[-2:], file=sys.stderr, flush=True)
-    else:
+    if args.stages == "decode":
         text_inputs = {c.name: c.preprocess(None) for c in contenders}
         decode = interleaved(
             contenders, args.runs, lambda c: request(c, text_inputs[c.name], args.tokens + 1)[1]
@@ -451,14 +457,15 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     weight_bytes = contenders[0].lm_weight_bytes()
     limit = max(bandwidth.values()) / weight_bytes
-    bound = {k: [d / limit * 100 for d in v] for k, v in raw["decode"].items()}
-    rows.append(
-        (
-            f"decode / bandwidth limit ({limit:.1f} tok/s)",
-            {k: fmt(v, digits=0) for k, v in bound.items()},
-            "%",
+    if "decode" in raw:
+        bound = {k: [d / limit * 100 for d in v] for k, v in raw["decode"].items()}
+        rows.append(
+            (
+                f"decode / bandwidth limit ({limit:.1f} tok/s)",
+                {k: fmt(v, digits=0) for k, v in bound.items()},
+                "%",
+            )
         )
-    )
     for c in contenders:
         del c.model
     mx.clear_cache()

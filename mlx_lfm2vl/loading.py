@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .cpu_backend import keep_freed_memory
 from .errors import Lfm2VlError
 from .models.lfm2_vl import Lfm2VlModel
 
@@ -171,6 +172,8 @@ def _layer_quantization(
 
 def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> Lfm2VlModel:
     """Build the model of a checkpoint folder or hub id and load its weights."""
+    if mx.default_device() == mx.cpu:
+        keep_freed_memory()
     folder = resolve_model_path(path_or_id)
     config = ModelConfig.from_file(folder / "config.json")
     model = Lfm2VlModel(config)

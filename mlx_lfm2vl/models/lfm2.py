@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from ..cache import ConvCache, KVCache
 from ..config import TextConfig
+from .kernels import attention, swiglu
 
 
 def matvec(weight: mx.array, x: mx.array) -> mx.array:
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         # The reference rotates halves (rotate_half), which is MLX's non-traditional RoPE.
         self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, causal: bool, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_layernorm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
         keys = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1))
@@ -67,9 +68,7 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+        out = attention(queries, keys, values, self.scale, causal)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -119,7 +118,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.ff_dim, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -134,9 +133,9 @@ class DecoderLayer(nn.Module):
         self.operator_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, causal: bool, cache=None) -> mx.array:
         if self.is_attention_layer:
-            h = x + self.self_attn(self.operator_norm(x), mask, cache)
+            h = x + self.self_attn(self.operator_norm(x), causal, cache)
         else:
             h = x + self.conv(self.operator_norm(x), cache)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -154,13 +153,13 @@ class Lfm2Model(nn.Module):
 
     def __call__(self, inputs_embeds: mx.array, cache: list | None = None) -> mx.array:
         L = inputs_embeds.shape[1]
-        # MLX's "causal" mask aligns the last query with the last key, so it also covers a chunk
+        # The causal mask aligns the last query with the last key, so it also covers a chunk
         # appended to a cache; one query needs no mask at all.
-        mask = "causal" if L > 1 else None
+        causal = L > 1
         cache = cache if cache is not None else [None] * len(self.layers)
         h = inputs_embeds
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, causal, layer_cache)
         return self.embedding_norm(h)
 
     def make_cache(self) -> list[KVCache | ConvCache]:

@@ -1,0 +1,96 @@
+"""The CPU fast paths of `models/kernels.py` against MLX's own ops, and the allocator tuning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_lfm2vl.models import kernels
+
+
+def test_polynomial_exp_is_within_2e7_relative_of_float64_exp_over_the_float32_range():
+    x = mx.linspace(-87.3, 88.3, 1_000_001)
+    got = np.array(mx.compile(kernels._exp)(x)).astype(np.float64)
+    want = np.exp(np.array(x).astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 2e-7
+
+
+def test_polynomial_exp_underflows_to_zero_and_saturates_finite():
+    x = mx.array([-np.inf, -1000.0, -87.4, np.inf, 1000.0])
+    got = np.array(mx.compile(kernels._exp)(x))
+    np.testing.assert_array_equal(got[:3], 0.0)
+    assert np.all(np.isfinite(got[3:])) and np.all(got[3:] > 1e38)
+
+
+def test_softmax_fast_path_matches_mlx_softmax():
+    x = mx.random.normal((3, 5, 70, 300), key=mx.random.key(0)) * 8
+    x[..., :10] = -mx.inf  # masked positions must get exactly 0
+    got = kernels.softmax(x)
+    np.testing.assert_allclose(got, mx.softmax(x, axis=-1, precise=True), rtol=2e-6, atol=1e-7)
+    assert np.all(np.array(got[..., :10]) == 0.0)
+
+
+def test_gelu_tanh_fast_path_matches_the_tanh_formula():
+    x = mx.random.normal((4, 1000), key=mx.random.key(1)) * 6
+    want = 0.5 * x * (1 + mx.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(kernels.gelu_tanh(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_fast_path_matches_silu_times_up():
+    gate = mx.random.normal((4, 1000), key=mx.random.key(2)) * 20
+    up = mx.random.normal((4, 1000), key=mx.random.key(3))
+    np.testing.assert_allclose(kernels.swiglu(gate, up), nn.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, queries, keys, causal",
+    [
+        (12, 12, 1024, 1024, False),  # a vision view
+        (16, 8, 700, 700, True),  # a prompt: GQA, two query blocks
+        (16, 8, 300, 1100, True),  # a chunk appended to a cache
+        (6, 3, 600, 600, True),  # kv heads not a multiple of the lanes
+        (4, 1, 400, 400, False),  # one kv head: one lane
+    ],
+)
+def test_cpu_attention_matches_scaled_dot_product_attention(heads, kv_heads, queries, keys, causal):
+    assert queries * keys >= kernels._SPLIT_MIN_PAIRS  # the split path, not the fallback
+    keys_q, keys_k, keys_v = mx.random.split(mx.random.key(heads * queries + keys), 3)
+    q = mx.random.normal((1, heads, queries, 64), key=keys_q)
+    k = mx.random.normal((1, kv_heads, keys, 64), key=keys_k)
+    v = mx.random.normal((1, kv_heads, keys, 64), key=keys_v)
+    got = kernels.attention(q, k, v, 0.125, causal)
+    want = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.125, mask="causal" if causal else None
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+
+
+def test_attention_in_bfloat16_is_mlx_sdpa_itself():
+    q = mx.random.normal((1, 4, 300, 64), key=mx.random.key(5)).astype(mx.bfloat16)
+    got = kernels.attention(q, q, q, 0.125, causal=True)
+    want = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125, mask="causal")
+    assert mx.array_equal(got, want)
+
+
+def _keep_freed_memory_in_subprocess(env_value: str | None) -> str:
+    env = dict(os.environ)
+    env.pop("MLX_LFM2VL_KEEP_FREED_MEMORY", None)
+    if env_value is not None:
+        env["MLX_LFM2VL_KEEP_FREED_MEMORY"] = env_value
+    code = "from mlx_lfm2vl.cpu_backend import keep_freed_memory; print(keep_freed_memory())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
+def test_allocator_tuning_applies_on_linux_and_can_be_switched_off():
+    assert _keep_freed_memory_in_subprocess(None) == "True"
+    assert _keep_freed_memory_in_subprocess("0") == "False"
