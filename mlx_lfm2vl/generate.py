@@ -149,7 +149,10 @@ class StopStrings:
     """Cuts the text at the first stop string, holding back any tail that may begin one.
 
     A stop string that will appear must start inside the held-back tail (the longest tail that
-    is a prefix of a stop string), so nothing already emitted ever needs taking back.
+    is a prefix of a stop string), so nothing already emitted ever needs taking back. The check
+    runs after every piece fed (a token): the first piece that completes a stop string ends the
+    text, cut where the earliest stop string found so far begins. (A longer stop string that
+    began earlier but would only complete later does not count: generation has stopped.)
     """
 
     def __init__(self, stop: Sequence[str]):
