@@ -74,6 +74,21 @@ def build(name: str, cache: Path) -> Path:
     return folder
 
 
+def quantized_folders(folder: Path, bits: int) -> dict[str, Path]:
+    """Each contender's own `bits`-bit conversion of `folder`, made with its own converter."""
+    port = folder.with_name(f"{folder.name}-port-q{bits}")
+    peer = folder.with_name(f"{folder.name}-mlx-vlm-q{bits}")
+    commands = {
+        port: ["-m", "mlx_lfm2vl.convert", "--q-recipe", f"uniform-{bits}", "--dtype", "float32"],
+        peer: ["-m", "mlx_vlm", "convert", "--q-bits", str(bits), "--dtype", "float32"],
+    }
+    for out, command in commands.items():
+        if not (out / "config.json").exists():
+            common = ["--hf-path", str(folder), "--mlx-path", str(out), "-q", "--q-group-size"]
+            subprocess.run([sys.executable, *command, *common, "64"], check=True)
+    return {"port": port, "mlx-vlm": peer}
+
+
 def image(size: tuple[int, int]):
     import numpy as np
     from PIL import Image
@@ -338,6 +353,13 @@ def main() -> None:
         choices=["all", "vision", "decode"],
         help="all; vision (preprocessing, vision tower); decode (text-only prompt)",
     )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="run each contender on its own quantized conversion (affine, group 64, every layer "
+        "its converter quantizes by default; this port: recipe uniform-N), made once in --cache",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONTENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -364,10 +386,13 @@ def main() -> None:
 
     import mlx.core as mx
 
+    folders = {"port": folder, "mlx-vlm": folder}
+    if args.quantize:
+        folders = quantized_folders(folder, args.quantize)
     load_avg_start = os.getloadavg()
     contenders = [Port(), MlxVlm()]
     for c in contenders:
-        c.load(folder, dtype)
+        c.load(folders[c.name], dtype)
     rows: list[tuple[str, dict[str, str], str]] = []  # (stage, value per contender, unit)
     raw: dict[str, dict[str, list[float]]] = {}
 
@@ -529,7 +554,9 @@ def main() -> None:
 
     # ratio: port speed / mlx-vlm speed (> 1 means the port is faster), from medians
     lines = [
-        f"**{args.model}**, compute dtype {args.dtype} (both), MLX {mx.__version__} CPU, "
+        f"**{args.model}**"
+        + (f", {args.quantize}-bit (each contender's own conversion)" if args.quantize else "")
+        + f", compute dtype {args.dtype} (both), MLX {mx.__version__} CPU, "
         f"BLAS: LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')} (BLAS libraries mapped: "
         f"{blas_in_use()}), {os.cpu_count()} cores, load average {load_avg_start[0]:.2f} at "
         f"start / {os.getloadavg()[0]:.2f} at end, copy bandwidth MLX "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlx_lfm2vl.models import kernels
+from mlx_lfm2vl.models.lfm2 import Linear, QuantizedLinear, quantized_matvec
 
 
 def test_polynomial_exp_is_within_2e7_relative_of_float64_exp_over_the_float32_range():
@@ -94,3 +95,33 @@ def _keep_freed_memory_in_subprocess(env_value: str | None) -> str:
 def test_allocator_tuning_applies_on_linux_and_can_be_switched_off():
     assert _keep_freed_memory_in_subprocess(None) == "True"
     assert _keep_freed_memory_in_subprocess("0") == "False"
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # bf16 is split over the lanes
+def test_one_row_linear_matches_the_full_matmul(dtype):
+    layer = Linear(1024, 2048, bias=False)
+    layer.set_dtype(dtype)
+    assert layer.weight.size >= kernels._SPLIT_MIN_WEIGHTS
+    x = mx.random.normal((1, 1, 1024), key=mx.random.key(6)).astype(dtype)
+    want = (x.astype(mx.float32) @ layer.weight.astype(mx.float32).T).astype(dtype)
+    np.testing.assert_allclose(
+        layer(x).astype(mx.float32), want.astype(mx.float32), rtol=2e-2, atol=2e-2
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_row_quantized_linear_split_over_lanes_matches_mlx_quantized_linear(bits):
+    layer = Linear(1024, 2048, bias=True).to_quantized(group_size=64, bits=bits)
+    assert isinstance(layer, QuantizedLinear)
+    plain = nn.QuantizedLinear(1024, 2048, bias=True, group_size=64, bits=bits)
+    plain.update(layer.parameters())
+    x = mx.random.normal((1, 1, 1024), key=mx.random.key(bits))
+    np.testing.assert_allclose(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_quantized_embedding_head_matches_as_linear():
+    embedding = nn.Embedding(4096, 512).to_quantized(group_size=64, bits=4)
+    x = mx.random.normal((1, 1, 512), key=mx.random.key(7))
+    np.testing.assert_allclose(
+        quantized_matvec(embedding, x), embedding.as_linear(x), rtol=1e-5, atol=1e-5
+    )

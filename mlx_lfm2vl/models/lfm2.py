@@ -14,16 +14,45 @@ import mlx.nn as nn
 
 from ..cache import ConvCache, KVCache
 from ..config import TextConfig
-from .kernels import attention, swiglu
+from .kernels import attention, split_rows, swiglu
 
 
 def matvec(weight: mx.array, x: mx.array) -> mx.array:
     """`x @ weight.T` for an input of one row (a decode step), as a matrix-vector product.
 
     On MLX's CPU backend a one-row matmul runs as a general matmul, up to 4x slower than
-    `weight @ vector`; the results are bitwise equal.
+    `weight @ vector` (the results are bitwise equal). In float32 that is a BLAS call, which
+    uses every core; in other dtypes MLX's own kernel uses one, so the weight's rows are split
+    over the CPU lanes (`kernels.split_rows`: bf16 decode 3.3 -> 5.3 tokens/s at the 450M
+    shapes; splitting float32 gained nothing).
     """
-    return (weight @ x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
+    vector = x.reshape(-1)
+    rows, cols = weight.shape
+    if weight.dtype == mx.float32:
+        out = weight @ vector
+    else:
+        out = split_rows(lambda r0, r1: weight[r0:r1] @ vector, rows, cols)
+    return out.reshape(*x.shape[:-1], rows)
+
+
+def quantized_matvec(layer: nn.QuantizedLinear | nn.QuantizedEmbedding, x: mx.array) -> mx.array:
+    """`x @ W.T` for a quantized layer's W and an input of one row, split over the CPU lanes
+    like `matvec` (MLX's quantized kernel uses one core: 4-bit decode 3.3 -> 5.7 tokens/s)."""
+
+    def multiply(r0: int, r1: int) -> mx.array:
+        biases = layer.get("biases")
+        return mx.quantized_matmul(
+            x,
+            layer["weight"][r0:r1],
+            scales=layer["scales"][r0:r1],
+            biases=biases[r0:r1] if biases is not None else None,
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+
+    return split_rows(multiply, layer["scales"].shape[0], x.shape[-1])
 
 
 class Linear(nn.Linear):
@@ -33,6 +62,21 @@ class Linear(nn.Linear):
         if x.size == x.shape[-1] and "bias" not in self:
             return matvec(self.weight, x)
         return super().__call__(x)
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear; a one-row input is split over the CPU lanes (`quantized_matvec`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size != x.shape[-1]:
+            return super().__call__(x)
+        out = quantized_matvec(self, x)
+        return out + self["bias"] if "bias" in self else out
 
 
 class Attention(nn.Module):
