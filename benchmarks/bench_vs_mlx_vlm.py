@@ -556,7 +556,13 @@ def main() -> None:
     lines = [
         f"**{args.model}**"
         + (f", {args.quantize}-bit (each contender's own conversion)" if args.quantize else "")
-        + f", compute dtype {args.dtype} (both), MLX {mx.__version__} CPU, "
+        + (
+            ", each contender's default compute dtype (port: float32 on the CPU; mlx-vlm: as "
+            "stored, bf16)"
+            if dtype is None
+            else f", compute dtype {args.dtype} (both)"
+        )
+        + f", MLX {mx.__version__} CPU, "
         f"BLAS: LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')} (BLAS libraries mapped: "
         f"{blas_in_use()}), {os.cpu_count()} cores, load average {load_avg_start[0]:.2f} at "
         f"start / {os.getloadavg()[0]:.2f} at end, copy bandwidth MLX "
