@@ -150,34 +150,51 @@ def attention(
     v = v[:, :, None]
     streams = lanes()[:Hkv]
     bounds = [round(i * Hkv / len(streams)) for i in range(len(streams) + 1)]
-    outs = []
-    for stream, h0, h1 in zip(streams, bounds, bounds[1:], strict=False):
-        with mx.stream(stream):
-            outs.append(_attention_heads(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], causal))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+    heads = [(h0, h1) for h0, h1 in zip(bounds, bounds[1:], strict=False)]
+    offset = S - L  # with `causal`, query i sees keys 0 .. offset + i
+    rows = max(16, _SCORE_BLOCK // (max(h1 - h0 for h0, h1 in heads) * (Hq // Hkv) * S))
+    # Each block is evaluated (on every lane at once) before the next is built: left to itself,
+    # MLX would compute the scores of all blocks before any softmax, holding them all at once.
+    per_lane: list[list[mx.array]] = [[] for _ in heads]
+    for b in range(B):
+        for start in range(0, L, rows):
+            stop = min(start + rows, L)
+            visible = offset + stop if causal else S
+            parts = []
+            for stream, (h0, h1) in zip(streams, heads, strict=False):
+                with mx.stream(stream):
+                    parts.append(
+                        _attention_block(
+                            q[b : b + 1, h0:h1, :, start:stop],
+                            k[b : b + 1, h0:h1, :, :visible],
+                            v[b : b + 1, h0:h1, :, :visible],
+                            offset + start if causal else None,
+                        )
+                    )
+            mx.eval(parts)
+            for lane, part in zip(per_lane, parts, strict=True):
+                lane.append(part)
+    blocks_per_view = len(per_lane[0]) // B
+    lanes_out = []
+    for lane in per_lane:
+        views = [
+            mx.concatenate(lane[i : i + blocks_per_view], axis=-2)
+            for i in range(0, len(lane), blocks_per_view)
+        ]
+        lanes_out.append(mx.concatenate(views, axis=0))
+    out = mx.concatenate(lanes_out, axis=1)
     return out.reshape(B, Hq, L, d)
 
 
-def _attention_heads(q: mx.array, k: mx.array, v: mx.array, causal: bool) -> mx.array:
-    """Attention of pre-scaled queries (B, h, r, L, d) on keys/values (B, h, 1, S, d)."""
-    B, h, r, L, _ = q.shape
-    S = k.shape[3]
-    offset = S - L  # with `causal`, query i sees keys 0 .. offset + i
-    block = max(16, _SCORE_BLOCK // (h * r * S))
-    outs = []
-    for b in range(B):
-        blocks = []
-        for start in range(0, L, block):
-            stop = min(start + block, L)
-            visible = offset + stop if causal else S
-            keys, values = k[b : b + 1, ..., :visible, :], v[b : b + 1, ..., :visible, :]
-            scores = q[b : b + 1, ..., start:stop, :] @ keys.swapaxes(-1, -2)
-            if causal:
-                rows = mx.arange(offset + start, offset + stop)[:, None]
-                scores = mx.where(mx.arange(visible)[None] > rows, -mx.inf, scores)
-            blocks.append(softmax(scores) @ values)
-        outs.append(blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-2))
-    return outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+def _attention_block(q: mx.array, k: mx.array, v: mx.array, first_row: int | None) -> mx.array:
+    """Pre-scaled queries (1, h, r, n, d) on keys/values (1, h, 1, S, d); with `first_row`,
+    query i (from 0) sees keys 0 .. first_row + i only."""
+    scores = q @ k.swapaxes(-1, -2)
+    if first_row is not None:
+        n, S = scores.shape[-2:]
+        rows = mx.arange(first_row, first_row + n)[:, None]
+        scores = mx.where(mx.arange(S)[None] > rows, -mx.inf, scores)
+    return softmax(scores) @ v
 
 
 # A one-row matmul smaller than this (weight elements) is not worth splitting over the lanes.
