@@ -1,5 +1,9 @@
 """Process settings for MLX's CPU backend on Linux.
 
+Two of them, both process-wide: glibc malloc tuning (below, applied by `load()`) and a BLAS preload
+line (`blas_preload`, printed by `python -m mlx_lfm2vl.cpu_backend`), which must be set before the
+process starts and so is the user's to apply.
+
 MLX's CPU allocator keeps no cache of freed buffers: every large temporary (an attention score
 matrix, an MLP activation) is a fresh `malloc`, which glibc serves with a fresh `mmap` above its
 mmap threshold (at most 32 MiB, 128 KiB to start), so the kernel must page-fault every 4 KiB page
@@ -17,9 +21,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from functools import lru_cache
+from pathlib import Path
+
+from .errors import Lfm2VlError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -49,3 +60,101 @@ def keep_freed_memory() -> bool:
         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
     ]
     return all([mallopt(option, value) for option, value in settings])
+
+
+# ---------------------------------------------------------------- BLAS preload
+
+# Where distributions put OpenBLAS's pthread build (Debian/Ubuntu, then Fedora/RHEL).
+_OPENBLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+]
+_GEMV_FORWARD_SOURCE = Path(__file__).parent / "native" / "gemv_forward.c"
+
+
+def find_openblas() -> Path:
+    """The system's OpenBLAS library; raises Lfm2VlError naming the package to install."""
+    for candidate in _OPENBLAS_CANDIDATES:
+        if Path(candidate).exists():
+            return Path(candidate)
+    found = ctypes.util.find_library("openblas")
+    if found and Path(found).is_absolute():
+        return Path(found)
+    raise Lfm2VlError(
+        "OpenBLAS not found: install it (Debian/Ubuntu: apt-get install libopenblas0-pthread; "
+        "Fedora: dnf install openblas-threads)"
+    )
+
+
+def build_gemv_forward(cache_dir: Path | None = None) -> Path:
+    """Compile native/gemv_forward.c (see its header) once; return the shared library's path.
+
+    The library is named by a hash of its source, so an upgraded source builds anew. It is
+    compiled to a temporary name and renamed into place, so a failed or concurrent build never
+    leaves a half-written library where a preload would find it.
+    """
+    source = _GEMV_FORWARD_SOURCE.read_bytes()
+    cache_dir = cache_dir or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "mlx_lfm2vl"
+    )
+    target = cache_dir / f"libgemv_forward-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise Lfm2VlError(
+            "no C compiler found to build the gemv forwarder: install one "
+            "(Debian/Ubuntu: apt-get install gcc) or set CC"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
+    os.close(handle)
+    command = [compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(_GEMV_FORWARD_SOURCE)]
+    try:
+        try:
+            result = subprocess.run(command + ["-ldl"], capture_output=True, text=True)
+        except OSError as error:
+            raise Lfm2VlError(
+                f"cannot run the C compiler {compiler!r} ({error}): set CC"
+            ) from error
+        if result.returncode != 0:
+            last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Lfm2VlError(
+                f"building the gemv forwarder failed ({' '.join(command)}): {last_line}"
+            )
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def blas_preload(cache_dir: Path | None = None) -> str:
+    """The LD_PRELOAD value that gives MLX's CPU backend OpenBLAS with one-row gemv forwarding."""
+    if sys.platform != "linux":
+        raise Lfm2VlError(
+            "a BLAS preload is for MLX's CPU backend on Linux; macOS uses Accelerate/Metal"
+        )
+    openblas = find_openblas()
+    return f"{build_gemv_forward(cache_dir)} {openblas}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the preload line: export LD_PRELOAD="$(python -m mlx_lfm2vl.cpu_backend)"."""
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        print(
+            "usage: python -m mlx_lfm2vl.cpu_backend  (prints an LD_PRELOAD value)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        print(blas_preload())
+    except Lfm2VlError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
