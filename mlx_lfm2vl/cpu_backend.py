@@ -139,6 +139,53 @@ def blas_preload(cache_dir: Path | None = None) -> str:
     return f"{build_gemv_forward(cache_dir)} {openblas}"
 
 
+def blas_in_use() -> str:
+    """Which BLAS this process's MLX calls, for `--verbose` and benchmark headers."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux: MLX uses Accelerate (macOS) or its bundled BLAS
+        return "platform default"
+    fields = (line.split() for line in maps.splitlines())
+    names = {Path(f[-1]).name for f in fields if len(f) >= 6 and f[-1].startswith("/")}
+    openblas = sorted(name for name in names if name.startswith("libopenblas"))
+    if not openblas:
+        return "MLX's bundled reference BLAS (slow: see README, 'Compute dtype')"
+    forwarder = any(name.startswith("libgemv_forward-") for name in names)
+    return f"{openblas[0]}" + (" with the gemv forwarder" if forwarder else "")
+
+
+_RELAUNCHED = "_MLX_LFM2VL_RELAUNCHED"
+
+
+def relaunch_with_blas_preload(module: str, argv: list[str]) -> None:
+    """Re-run `python -m module argv` with OpenBLAS (and the gemv forwarder) preloaded.
+
+    For the command lines, on Linux only: MLX's CPU wheel otherwise runs float32 matmuls on its
+    bundled reference BLAS, ~50x slower. A BLAS can only be preloaded before the process starts,
+    hence the re-exec. Nothing happens if OpenBLAS is already loaded, if the system has none, or
+    with MLX_LFM2VL_BLAS_PRELOAD=0; without a C compiler only OpenBLAS is preloaded.
+    """
+    if (
+        sys.platform != "linux"
+        or os.environ.get("MLX_LFM2VL_BLAS_PRELOAD", "1") == "0"
+        or os.environ.get(_RELAUNCHED)
+        or blas_in_use().startswith("libopenblas")
+    ):
+        return
+    try:
+        preload = blas_preload()
+    except Lfm2VlError:
+        try:
+            preload = str(find_openblas())
+        except Lfm2VlError:
+            return  # `--verbose` names the slow BLAS and the README says what to install
+    env = dict(os.environ, **{_RELAUNCHED: "1"})
+    env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the preload line: export LD_PRELOAD="$(python -m mlx_lfm2vl.cpu_backend)"."""
     args = sys.argv[1:] if argv is None else argv
@@ -157,4 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The package's copy of this module (imported by `mlx_lfm2vl/__init__`), as in generate.py.
+    from mlx_lfm2vl.cpu_backend import main as package_main
+
+    sys.exit(package_main())

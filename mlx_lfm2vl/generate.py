@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import ConvCache, KVCache
+from .cpu_backend import blas_in_use, relaunch_with_blas_preload
 from .errors import Lfm2VlError
 from .sampling import LogitsProcessor, Sampler, SamplingSettings
 
@@ -657,6 +658,8 @@ def _cli():
             dtype = str(loaded_model.language_model.embedding_norm.weight.dtype).split(".")[-1]
             device = mx.default_device().type.name
             lines = [f"model: {folder} (compute dtype {dtype}, device {device})"]
+            if device == "cpu":
+                lines.append(f"BLAS: {blas_in_use()}")
             lines += _format_stats(chunk.stats, chunk.finish_reason)
             click.echo("\n".join(lines), err=True)
 
@@ -666,6 +669,9 @@ def _cli():
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code. User errors print one line on stderr."""
     import click
+
+    if argv is None:  # a real command line, not a call from Python
+        relaunch_with_blas_preload("mlx_lfm2vl.generate", sys.argv[1:])
 
     try:
         _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.generate", standalone_mode=False)

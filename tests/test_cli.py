@@ -195,3 +195,22 @@ def test_cli_usage_errors_are_one_line(args):
     result = run_cli(*args)
     assert_one_line_error(result)
     assert result.returncode == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is for Linux's CPU backend")
+def test_cli_relaunches_itself_with_openblas_and_the_gemv_forwarder_when_none_is_loaded(
+    talking_checkpoint, tmp_path
+):
+    args = ["--model", str(talking_checkpoint), "--prompt", "Hi", "--max-tokens", "4"]
+    env = {"LD_PRELOAD": "", "XDG_CACHE_HOME": str(tmp_path), "MLX_LFM2VL_BLAS_PRELOAD": "1"}
+    result = run_cli(*args, "--temperature", "0", "--verbose", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "BLAS: libopenblas" in result.stderr and "with the gemv forwarder" in result.stderr
+    assert list((tmp_path / "mlx_lfm2vl").glob("libgemv_forward-*.so"))
+
+    switched_off = run_cli(
+        *args, "--temperature", "0", "--verbose", env={**env, "MLX_LFM2VL_BLAS_PRELOAD": "0"}
+    )
+    assert switched_off.returncode == 0, switched_off.stderr
+    assert "BLAS: MLX's bundled reference BLAS" in switched_off.stderr
+    assert switched_off.stdout.strip() and result.stdout.strip()
