@@ -199,6 +199,8 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
             for name, value in weights.items()
         }
     model.load_weights(list(weights.items()), strict=True)
+    weights.clear()  # the stacking below must be able to free the unstacked weights
+    model.language_model.fuse_projections()
     model.eval()
     mx.eval(model.parameters())
     return model

