@@ -154,6 +154,17 @@ def blas_in_use() -> str:
     return f"{openblas[0]}" + (" with the gemv forwarder" if forwarder else "")
 
 
+def slow_blas_warning() -> str | None:
+    """What to tell a user whose MLX runs float32 matmuls on its bundled reference BLAS."""
+    if sys.platform != "linux" or not blas_in_use().startswith("MLX's bundled"):
+        return None
+    return (
+        "MLX is using its bundled reference BLAS, which makes float32 matmuls ~50x slower: "
+        "install OpenBLAS (apt-get install libopenblas0-pthread) and start Python with "
+        'LD_PRELOAD="$(python -m mlx_lfm2vl.cpu_backend)"'
+    )
+
+
 _RELAUNCHED = "_MLX_LFM2VL_RELAUNCHED"
 
 

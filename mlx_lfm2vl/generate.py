@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -617,7 +618,11 @@ def _cli():
                 raise Lfm2VlError(f"image {image!r} not found: pass an existing file or a URL")
         folder = resolve_model_path(model)
         mx.reset_peak_memory()
-        loaded_model, processor = load(folder)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            loaded_model, processor = load(folder)
+        for warning in caught:  # one line each, not Python's two-line format with source
+            click.echo(f"warning: {warning.message}", err=True)
         settings = SamplingSettings.from_folder(folder)
 
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]

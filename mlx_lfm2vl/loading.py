@@ -8,13 +8,14 @@ names, optionally quantized, with a `quantization` section in config.json).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .cpu_backend import keep_freed_memory
+from .cpu_backend import keep_freed_memory, slow_blas_warning
 from .errors import Lfm2VlError
 from .models.lfm2_vl import Lfm2VlModel
 
@@ -174,6 +175,8 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
     """Build the model of a checkpoint folder or hub id and load its weights."""
     if mx.default_device() == mx.cpu:
         keep_freed_memory()
+        if (slow_blas := slow_blas_warning()) is not None:
+            warnings.warn(slow_blas, RuntimeWarning, stacklevel=3)
     folder = resolve_model_path(path_or_id)
     config = ModelConfig.from_file(folder / "config.json")
     model = Lfm2VlModel(config)

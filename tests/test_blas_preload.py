@@ -158,3 +158,18 @@ def test_command_line_prints_the_preload_line_or_one_error_line(tmp_path):
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.startswith("error: building the gemv forwarder failed")
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_load_warns_once_when_mlx_runs_on_its_bundled_blas(checkpoint_450m, preload):
+    code = (
+        "import warnings; from mlx_lfm2vl import load\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    load({str(checkpoint_450m)!r})\n"
+        "print([str(w.message) for w in caught if w.category is RuntimeWarning])"
+    )
+    for ld_preload, warned in (("", True), (preload, False)):
+        env = dict(os.environ, LD_PRELOAD=ld_preload)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert ("bundled reference BLAS" in done.stdout) == warned, done.stdout

@@ -213,4 +213,7 @@ def test_cli_relaunches_itself_with_openblas_and_the_gemv_forwarder_when_none_is
     )
     assert switched_off.returncode == 0, switched_off.stderr
     assert "BLAS: MLX's bundled reference BLAS" in switched_off.stderr
+    warning = "warning: MLX is using its bundled reference BLAS"
+    assert warning in switched_off.stderr and warning not in result.stderr
+    assert 'LD_PRELOAD="$(python -m mlx_lfm2vl.cpu_backend)"' in switched_off.stderr
     assert switched_off.stdout.strip() and result.stdout.strip()
