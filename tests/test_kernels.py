@@ -72,6 +72,35 @@ def test_cpu_attention_matches_scaled_dot_product_attention(heads, kv_heads, que
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
 
 
+def test_row_blocks_give_each_row_what_one_call_gives(monkeypatch):
+    monkeypatch.setattr(kernels, "_ROW_BLOCK", 64 * 100)  # 64 rows per block at width 100
+    weight = mx.random.normal((100, 48), key=mx.random.key(1))
+    calls = []
+
+    def rows(x: mx.array) -> mx.array:
+        calls.append(x.shape[0])
+        return kernels.gelu_tanh(x @ weight.T)[..., :30]
+
+    x = mx.random.normal((3, 700, 48), key=mx.random.key(2))
+    got = kernels.in_row_blocks(rows, x, 100)
+    assert calls == [64] * 32 + [2100 - 32 * 64]
+    assert got.shape == (3, 700, 30)
+    np.testing.assert_allclose(got, rows(x), rtol=1e-5, atol=1e-5)  # BLAS blocking: ulps
+
+
+def test_row_blocks_leave_few_rows_and_other_devices_dtypes_to_one_call(monkeypatch):
+    monkeypatch.setattr(kernels, "_ROW_BLOCK", 64 * 100)
+    calls = []
+
+    def rows(x: mx.array) -> mx.array:
+        calls.append(x.shape)
+        return x * 2
+
+    kernels.in_row_blocks(rows, mx.ones((64, 8)), 100)
+    kernels.in_row_blocks(rows, mx.ones((1000, 8), mx.bfloat16), 100)
+    assert calls == [(64, 8), (1000, 8)]
+
+
 def test_attention_in_bfloat16_is_mlx_sdpa_itself():
     q = mx.random.normal((1, 4, 300, 64), key=mx.random.key(5)).astype(mx.bfloat16)
     got = kernels.attention(q, q, q, 0.125, causal=True)

@@ -89,6 +89,21 @@ def test_logits_match_reference_for_an_image_prompt(loaded):
     assert_close(actual, expected, "logits")
 
 
+def test_features_and_logits_match_reference_with_row_work_in_small_blocks(loaded, monkeypatch):
+    # Block size 1 element: every MLP/feed-forward over more than 64 rows (the floor) runs in
+    # blocks of 64, most ending mid-view, so a block boundary that mixed rows would show.
+    from mlx_lfm2vl.models import kernels
+
+    monkeypatch.setattr(kernels, "_ROW_BLOCK", 1)
+    model, ref_inputs, reference = loaded
+    inputs = port_inputs(ref_inputs)
+    assert int(np.prod(ref_inputs["spatial_shapes"].tolist()[0])) > 64
+    assert inputs["input_ids"].shape[1] > 64
+    features = model.get_image_features(inputs["pixel_values"], inputs["spatial_shapes"])
+    assert_close(features, reference["features"], "projector output, blocked rows")
+    assert_close(model(**inputs)[0], reference["logits"], "logits, blocked rows")
+
+
 def test_logits_match_reference_for_a_text_only_prompt(checkpoint):
     ref_inputs = reference_inputs(checkpoint, [{"role": "user", "content": "Hello, who are you?"}])
     with torch.no_grad():

@@ -197,6 +197,36 @@ def _attention_block(q: mx.array, k: mx.array, v: mx.array, first_row: int | Non
     return softmax(scores) @ v
 
 
+# Row-wise work on many rows (a vision MLP over six 512x512 tiles: 6144 rows) runs a block of
+# rows at a time on the CPU. A compiled activation that uses `_exp` is deeper than MLX fuses
+# into one loop (11 ops), so it runs as several loops, each writing a full-size temporary; a
+# block's temporaries stay near the cache instead of streaming through memory. One 450M vision
+# MLP on 6144 rows: 1.1-1.2 s and +522 MiB at once, 0.52-0.55 s and +102 MiB in blocks of
+# 1024 rows (3M elements of its widest temporary).
+_ROW_BLOCK = 3 << 20
+
+
+def in_row_blocks(fn: Callable[[mx.array], mx.array], x: mx.array, width: int) -> mx.array:
+    """`fn(x)` for a function that treats each row (last axis) of x on its own.
+
+    On the CPU in float32 it runs over blocks of rows, each evaluated before the next is built
+    (left to itself, MLX would run each step over all blocks before the next step); `width` is
+    the length of fn's widest temporary per row, which sets the block size.
+    """
+    rows = x.size // x.shape[-1]
+    block = max(64, _ROW_BLOCK // width)
+    if not _fast_cpu(x) or rows <= block:
+        return fn(x)
+    flat = x.reshape(rows, x.shape[-1])
+    parts = []
+    for start in range(0, rows, block):
+        part = fn(flat[start : start + block])
+        mx.eval(part)
+        parts.append(part)
+    out = mx.concatenate(parts)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 # A one-row matmul smaller than this (weight elements) is not worth splitting over the lanes.
 _SPLIT_MIN_WEIGHTS = 1 << 20
 

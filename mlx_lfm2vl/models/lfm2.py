@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..cache import ConvCache, KVCache
 from ..config import TextConfig
-from .kernels import attention, split_rows, swiglu
+from .kernels import attention, in_row_blocks, split_rows, swiglu
 
 
 def matvec(weight: mx.array, x: mx.array) -> mx.array:
@@ -223,8 +223,12 @@ class FeedForward(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if self._w13 is not None and not self._w13.is_current(self.w1, self.w3):
             self._w13 = None  # weights replaced since the fusion: run unfused, free the stack
-        gate, up = self._w13(x) if self._w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(swiglu(gate, up))
+
+        def rows(x: mx.array) -> mx.array:
+            gate, up = self._w13(x) if self._w13 is not None else (self.w1(x), self.w3(x))
+            return self.w2(swiglu(gate, up))
+
+        return in_row_blocks(rows, x, 2 * self.w1.weight.shape[0])
 
 
 class DecoderLayer(nn.Module):

@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
-from .kernels import attention, gelu_tanh
+from .kernels import attention, gelu_tanh, in_row_blocks
 
 
 def _antialiased_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
@@ -100,7 +100,10 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.activation(self.fc1(x)))
+        def rows(x: mx.array) -> mx.array:
+            return self.fc2(self.activation(self.fc1(x)))
+
+        return in_row_blocks(rows, x, self.fc1.weight.shape[0])
 
 
 class EncoderLayer(nn.Module):
