@@ -311,8 +311,25 @@ def worker(kind: str, contender: str, folder: Path, dtype: str | None, tokens: i
     inputs = c.preprocess(image(IMAGES["1024x768 tiled"]))
     for _ in c.generate(inputs, tokens):
         pass
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mlx": mx.get_peak_memory(), "max_rss": rss_kb * 1024}
+    return {"peak_mlx": mx.get_peak_memory(), "max_rss": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes.
+
+    On Linux, getrusage's ru_maxrss also counts the process it was forked from (the kernel
+    carries the high-water mark across exec), so a worker started by the benchmark, which holds
+    both models, would report the benchmark's own peak; /proc's VmHWM is this program's alone.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def in_fresh_process(kind: str, contender: str, args) -> dict:
