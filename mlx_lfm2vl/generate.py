@@ -32,6 +32,7 @@ import numpy as np
 from .cache import ConvCache, KVCache
 from .cpu_backend import blas_in_use, relaunch_with_blas_preload
 from .errors import Lfm2VlError
+from .models.kernels import log_softmax
 from .sampling import LogitsProcessor, Sampler, SamplingSettings
 
 if TYPE_CHECKING:
@@ -244,7 +245,10 @@ def generate_step(
     """Sample from the prefill `logits`, then decode: yields (token, logprobs) until closed.
 
     `history` is the token context the logits processors see (the prompt ids, for the
-    repetition penalty); sampled tokens are appended to it. `key` seeds the sampler.
+    repetition penalty); sampled tokens are appended to it. `key` seeds the sampler. The
+    logprobs are left lazy: the step only computes the token, and a caller who reads the
+    logprobs pays for them then (a log-softmax over the vocabulary, ~1.3 ms of a ~75 ms
+    float32 CPU step at the 450M shapes).
     """
     if key is None:
         key = mx.random.key(random.SystemRandom().getrandbits(63))
@@ -254,14 +258,14 @@ def generate_step(
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal key
         logits = logits.astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         for processor in logits_processors:
             logits = processor(history, logits)
         key, subkey = mx.random.split(key)
         return sampler(logits, subkey).astype(mx.int32), logprobs
 
     y, logprobs = sample(logits)
-    mx.async_eval(y, logprobs)
+    mx.async_eval(y)
     n = 0
     while True:
         n += 1
@@ -272,7 +276,7 @@ def generate_step(
             history = mx.concatenate([history, y])
         next_y, next_logprobs = sample(model(y[None], cache=cache)[:, -1, :])
         # Queue step n+1 before handing out token n: the device runs while the caller works.
-        mx.async_eval(next_y, next_logprobs)
+        mx.async_eval(next_y)
         yield y.item(), logprobs[0]
         y, logprobs = next_y, next_logprobs
 

@@ -37,6 +37,16 @@ def test_softmax_fast_path_matches_mlx_softmax():
     assert np.all(np.array(got[..., :10]) == 0.0)
 
 
+def test_log_softmax_fast_path_matches_logsumexp():
+    x = mx.random.normal((2, 65536), key=mx.random.key(1)) * 8
+    x[:, :10] = -mx.inf  # a logit of -inf has log-probability -inf, not nan
+    got = kernels.log_softmax(x)
+    want = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    finite = np.isfinite(np.array(want))
+    np.testing.assert_allclose(np.array(got)[finite], np.array(want)[finite], rtol=1e-6, atol=2e-5)
+    assert np.all(np.array(got)[~finite] == -np.inf)
+
+
 def test_gelu_tanh_fast_path_matches_the_tanh_formula():
     x = mx.random.normal((4, 1000), key=mx.random.key(1)) * 6
     want = 0.5 * x * (1 + mx.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
@@ -210,3 +220,56 @@ def test_replacing_a_stacked_weight_runs_unstacked_and_releases_the_stack(checkp
     assert attn._qkv is None
     second = attn(x, causal=False)
     assert mx.array_equal(first, second) and not mx.array_equal(first, before)
+
+
+def _decode_tokens(model, prompt: mx.array, tokens: mx.array):
+    """Logits of each of `tokens` fed one at a time after `prompt`, and the final cache."""
+    cache = model.make_cache()
+    model(prompt, cache=cache)
+    logits = [model(tokens[:, i : i + 1], cache=cache) for i in range(tokens.shape[1])]
+    return mx.concatenate(logits, axis=1), cache
+
+
+def test_compiled_one_token_step_matches_the_layer_by_layer_path(checkpoint_450m, monkeypatch):
+    from mlx_lfm2vl import load
+    from mlx_lfm2vl.models.lfm2 import DecoderLayer
+
+    model, _ = load(checkpoint_450m)
+    prompt = mx.array([[1, 500, 501, 502, 503, 504, 505]])
+    tokens = mx.array([[600, 601, 602, 603]])
+    compiled_step = DecoderLayer.decode_step
+    taken = []
+
+    def recording_step(self, x, cache):
+        out = compiled_step(self, x, cache)
+        taken.append((self.is_attention_layer, out is not None))
+        return out
+
+    monkeypatch.setattr(DecoderLayer, "decode_step", recording_step)
+    got, got_cache = _decode_tokens(model, prompt, tokens)
+    kinds = {is_attention for is_attention, _ in taken}
+    assert kinds == {True, False} and all(used for _, used in taken), taken
+
+    monkeypatch.setattr(DecoderLayer, "decode_step", lambda self, x, cache: None)
+    want, want_cache = _decode_tokens(model, prompt, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(got_cache, want_cache, strict=True):
+        assert mine.offset == theirs.offset == prompt.shape[1] + tokens.shape[1]
+        for a, b in zip(mine.state, theirs.state, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_layers_decode_without_the_compiled_step(checkpoint_450m):
+    from mlx_lfm2vl import load
+
+    model, _ = load(checkpoint_450m)
+    nn.quantize(model.language_model, group_size=32, bits=8)
+    cache = model.make_cache()
+    model(mx.array([[1, 500, 501]]), cache=cache)
+    x = mx.zeros((model.config.text.hidden_size,))
+    layers = model.language_model.layers
+    assert all(layer.decode_step(x, c) is None for layer, c in zip(layers, cache, strict=True))
+    assert all(c.offset == 3 for c in cache)  # declining leaves the cache as it was
+    logits = model(mx.array([[502]]), cache=cache)
+    assert logits.shape == (1, 1, model.config.text.vocab_size)
+    assert bool(mx.all(mx.isfinite(logits)))
