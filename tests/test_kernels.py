@@ -266,7 +266,7 @@ def test_quantized_layers_decode_without_the_compiled_step(checkpoint_450m):
     nn.quantize(model.language_model, group_size=32, bits=8)
     cache = model.make_cache()
     model(mx.array([[1, 500, 501]]), cache=cache)
-    x = mx.zeros((model.config.text.hidden_size,))
+    x = mx.zeros((1, model.config.text.hidden_size))
     layers = model.language_model.layers
     assert all(layer.decode_step(x, c) is None for layer, c in zip(layers, cache, strict=True))
     assert all(c.offset == 3 for c in cache)  # declining leaves the cache as it was

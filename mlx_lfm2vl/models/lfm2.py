@@ -9,8 +9,11 @@ weights load without renaming: `layers.N.conv.{in_proj,conv,out_proj}`,
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import ConvCache, KVCache
 from ..config import TextConfig
@@ -208,16 +211,12 @@ class ShortConv(nn.Module):
         self.out_proj = Linear(dim, dim, bias=args.conv_bias)
 
     def one_token_weights(self) -> tuple[mx.array, mx.array, mx.array] | None:
-        """in_proj, the conv taps (D, K) and out_proj for `decode_step`, or None (a bias, or see
-        `plain_matvec_weight`)."""
-        if "bias" in self.conv:
+        """in_proj, the conv weight (D, K, 1) and out_proj for `decode_step`, or None (a bias,
+        or see `plain_matvec_weight`)."""
+        in_proj, out_proj = plain_matvec_weight(self.in_proj), plain_matvec_weight(self.out_proj)
+        if "bias" in self.conv or in_proj is None or out_proj is None:
             return None
-        weights = (plain_matvec_weight(self.in_proj), plain_matvec_weight(self.out_proj))
-        return (
-            None
-            if any(w is None for w in weights)
-            else (weights[0], self.conv.weight[:, :, 0], weights[1])
-        )
+        return in_proj, self.conv.weight, out_proj
 
     def __call__(self, x: mx.array, cache: ConvCache | None = None) -> mx.array:
         B, L, D = x.shape
@@ -277,50 +276,68 @@ class FeedForward(nn.Module):
 
 
 # One-token decode. Between its weight reads a decode step is many small ops (norms, gates, the
-# conv taps, RoPE): ~1700 graph nodes for the 450M model, built in Python and dispatched one by
-# one, ~11 ms of an ~80 ms float32 CPU step. Compiled, each layer is one call with its weights
-# passed in, and the element-wise ops between two matvecs run as one loop. Shapes are fixed for
-# a single token, so each function is traced once per model; the RoPE position is an array so
-# a new position does not retrace. Only the attention over the growing cache stays outside.
+# conv taps, RoPE), and on MLX's CPU backend each op costs a few microseconds to build and to
+# dispatch whatever its size: ~1700 graph nodes for the 450M model, ~11 ms of an ~80 ms float32
+# step. Compiled, each layer is one call with its weights passed in, and its element-wise ops
+# run as a few fused loops. The hidden state is a row (1, D) throughout: a (1, 1, D) input
+# would add a flatten and an unflatten around every matmul. Shapes are fixed for one token, so
+# each function is traced once per model; the attention over the growing cache stays outside.
 
 
 def _feed_forward_step(h, ffn_norm, w13, w2, eps):
-    gate, up = mx.split(w13 @ mx.fast.rms_norm(h, ffn_norm, eps), 2)
-    return h + w2 @ swiglu(gate, up)
+    gate, up = mx.split(mx.fast.rms_norm(h, ffn_norm, eps) @ w13.T, 2, axis=-1)
+    return h + swiglu(gate, up) @ w2.T
 
 
 @mx.compile
-def _conv_layer_step(x, state, operator_norm, in_proj, taps, out_proj, ffn_norm, w13, w2, eps):
-    """A short-conv layer on one token: x (D,), state (K-1, D) -> output (D,), next state."""
-    gate_in, gate_out, h = mx.split(in_proj @ mx.fast.rms_norm(x, operator_norm, eps), 3)
-    padded = mx.concatenate([state, (gate_in * h)[None]])
-    conv = padded[0] * taps[:, 0]
-    for k in range(1, padded.shape[0]):  # the same additions, in the same order, as prefill
-        conv = conv + padded[k] * taps[:, k]
-    h = x + out_proj @ (gate_out * conv)
-    return _feed_forward_step(h, ffn_norm, w13, w2, eps), padded[1:]
+def _conv_layer_step(x, state, operator_norm, in_proj, conv, out_proj, ffn_norm, w13, w2, eps):
+    """A short-conv layer on one token: x (1, D), state (1, K-1, D), conv weight (D, K, 1) ->
+    the output (1, D) and the next state."""
+    D, K = x.shape[1], conv.shape[1]
+    gate_in, gate_out, h = mx.split(mx.fast.rms_norm(x, operator_norm, eps) @ in_proj.T, 3, -1)
+    padded = mx.concatenate([state.reshape(K - 1, D), gate_in * h])  # (K, D)
+    taps = conv.reshape(D, K).T
+    mixed = padded[:1] * taps[:1]
+    for k in range(1, K):  # the same additions, in the same order, as prefill
+        mixed = mixed + padded[k : k + 1] * taps[k : k + 1]
+    h = x + (gate_out * mixed) @ out_proj.T
+    return _feed_forward_step(h, ffn_norm, w13, w2, eps), padded[1:].reshape(1, K - 1, D)
+
+
+def _rotate(x, cos, sin):
+    """RoPE with rotated halves (MLX's non-traditional, the reference's rotate_half)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @mx.compile
-def _attention_layer_qkv(x, position, operator_norm, qkv, q_norm, k_norm, eps, heads, rope):
-    """Queries (1, Hq, 1, d), keys and values (1, Hkv, 1, d) of one token x (D,) at `position`;
-    `heads` is (Hq, Hkv), `rope` the settings of `nn.RoPE` (dims, traditional, base, scale)."""
+def _attention_layer_qkv(x, cos, sin, operator_norm, qkv, q_norm, k_norm, eps, heads):
+    """Rotated queries (1, Hq, 1, d), keys and values (1, Hkv, 1, d) of one token x (1, D);
+    `cos`, `sin` (d / 2,) are its angles (`rope_angles`), `heads` is (Hq, Hkv)."""
     (n_heads, n_kv_heads), head_dim = heads, q_norm.shape[0]
-    dims, traditional, base, scale = rope
     q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
-    q, k, v = mx.split(qkv @ mx.fast.rms_norm(x, operator_norm, eps), [q_end, k_end])
+    q, k, v = mx.split(mx.fast.rms_norm(x, operator_norm, eps) @ qkv.T, [q_end, k_end], -1)
     q = mx.fast.rms_norm(q.reshape(1, n_heads, 1, head_dim), q_norm, eps)
     k = mx.fast.rms_norm(k.reshape(1, n_kv_heads, 1, head_dim), k_norm, eps)
-    q = mx.fast.rope(q, dims, traditional=traditional, base=base, scale=scale, offset=position)
-    k = mx.fast.rope(k, dims, traditional=traditional, base=base, scale=scale, offset=position)
-    return q, k, v.reshape(1, n_kv_heads, 1, head_dim)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v.reshape(1, n_kv_heads, 1, head_dim)
 
 
 @mx.compile
 def _attention_layer_out(x, attended, out_proj, ffn_norm, w13, w2, eps):
-    """The rest of an attention layer on one token: x (D,), attended (1, Hq, 1, d) -> (D,)."""
-    h = x + out_proj @ attended.reshape(-1)
+    """The rest of an attention layer on one token: x (1, D), attended (1, Hq, 1, d)."""
+    h = x + attended.reshape(1, -1) @ out_proj.T  # one query: (1, Hq, 1, d) is row-ordered
     return _feed_forward_step(h, ffn_norm, w13, w2, eps)
+
+
+@lru_cache(maxsize=1)  # the attention layers of a step all ask for the same position
+def rope_angles(position: int, dims: int, base: float) -> tuple[mx.array, mx.array]:
+    """cos and sin (dims / 2,) of the RoPE angles at `position`, computed on the host in float32
+    the way the reference computes them (its inverse frequencies, one float32 product)."""
+    exponents = np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims)
+    inv_freq = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
+    angles = inv_freq * np.float32(position)
+    return mx.array(np.cos(angles)), mx.array(np.sin(angles))
 
 
 class DecoderLayer(nn.Module):
@@ -336,10 +353,6 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, x: mx.array, causal: bool, cache=None) -> mx.array:
-        if cache is not None and x.size == x.shape[-1]:
-            out = self.decode_step(x.reshape(-1), cache)
-            if out is not None:
-                return out.reshape(x.shape)
         if self.is_attention_layer:
             h = x + self.self_attn(self.operator_norm(x), causal, cache)
         else:
@@ -347,8 +360,8 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def decode_step(self, x: mx.array, cache: KVCache | ConvCache) -> mx.array | None:
-        """The layer on one token x (D,) with its compiled step function, updating `cache`; None
-        when a projection is not a plain matvec (quantized, biased, unfused)."""
+        """The layer on one token x (1, D) with its compiled step function, updating `cache`;
+        None when a projection is not a plain matvec (quantized, biased, unfused)."""
         ffn = self.feed_forward.one_token_weights()
         mixer = self.self_attn if self.is_attention_layer else self.conv
         own = mixer.one_token_weights()
@@ -357,28 +370,28 @@ class DecoderLayer(nn.Module):
         eps = self.operator_norm.eps
         norms = (self.operator_norm.weight, self.ffn_norm.weight)
         if not self.is_attention_layer:
-            in_proj, taps, out_proj = own
+            in_proj, conv, out_proj = own
             state = cache.conv_state
             if state is None:
-                state = mx.zeros((1, taps.shape[1] - 1, x.shape[0]), x.dtype)
-            out, state = _conv_layer_step(
-                x, state[0], norms[0], in_proj, taps, out_proj, norms[1], *ffn, eps
+                state = mx.zeros((1, conv.shape[1] - 1, x.shape[-1]), x.dtype)
+            out, cache.conv_state = _conv_layer_step(
+                x, state, norms[0], in_proj, conv, out_proj, norms[1], *ffn, eps
             )
-            cache.conv_state = state[None]
             cache.offset += 1
             return out
         attn, (qkv, out_proj) = self.self_attn, own
-        rope = attn.rope
+        # `Attention` builds its RoPE over the whole head, with rotated halves: `_rotate`.
+        cos, sin = rope_angles(cache.offset, attn.rope.dims, attn.rope.base)
         q, k, v = _attention_layer_qkv(
             x,
-            mx.array(cache.offset, mx.int32),
+            cos.astype(x.dtype),
+            sin.astype(x.dtype),
             norms[0],
             qkv,
             attn.q_layernorm.weight,
             attn.k_layernorm.weight,
             eps,
             (attn.n_heads, attn.n_kv_heads),
-            (rope.dims, rope.traditional, rope.base, rope.scale),
         )
         keys, values = cache.update_and_fetch(k, v)
         attended = attention(q, keys, values, attn.scale)
@@ -400,11 +413,22 @@ class Lfm2Model(nn.Module):
         # The causal mask aligns the last query with the last key, so it also covers a chunk
         # appended to a cache; one query needs no mask at all.
         causal = L > 1
+        if cache is not None and inputs_embeds.shape[:2] == (1, 1):
+            return self._one_token(inputs_embeds, cache)
         cache = cache if cache is not None else [None] * len(self.layers)
         h = inputs_embeds
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, causal, layer_cache)
         return self.embedding_norm(h)
+
+    def _one_token(self, x: mx.array, cache: list) -> mx.array:
+        """One token (1, 1, D) through the layers as a row (1, D), each with its compiled step
+        (`DecoderLayer.decode_step`); a layer that declines runs the general way."""
+        h = x.reshape(1, -1)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            out = layer.decode_step(h, layer_cache)
+            h = out if out is not None else layer(h[None], False, layer_cache)[0]
+        return self.embedding_norm(h)[None]
 
     def make_cache(self) -> list[KVCache | ConvCache]:
         return [KVCache() if layer.is_attention_layer else ConvCache() for layer in self.layers]
