@@ -47,6 +47,16 @@ def test_log_softmax_fast_path_matches_logsumexp():
     assert np.all(np.array(got)[~finite] == -np.inf)
 
 
+@pytest.mark.parametrize("keys", [512, 700, 1800])
+def test_one_query_attention_matches_mlx_attention(keys):
+    q = mx.random.normal((1, 16, 1, 64), key=mx.random.key(keys)) * 3
+    k = mx.random.normal((1, 8, keys, 64), key=mx.random.key(keys + 1))
+    v = mx.random.normal((1, 8, keys, 64), key=mx.random.key(keys + 2))
+    assert keys >= kernels._ONE_QUERY_MIN_KEYS  # `attention` takes the one-query path
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
+    np.testing.assert_allclose(kernels.attention(q, k, v, 0.125), want, rtol=1e-5, atol=1e-6)
+
+
 def test_gelu_tanh_fast_path_matches_the_tanh_formula():
     x = mx.random.normal((4, 1000), key=mx.random.key(1)) * 6
     want = 0.5 * x * (1 + mx.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
