@@ -110,7 +110,8 @@ def build_gemv_forward(cache_dir: Path | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
     os.close(handle)
-    command = [compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(_GEMV_FORWARD_SOURCE)]
+    command = [compiler, "-O2", "-shared", "-fPIC", "-pthread", "-o", partial]
+    command.append(str(_GEMV_FORWARD_SOURCE))
     try:
         try:
             result = subprocess.run(command + ["-ldl"], capture_output=True, text=True)
@@ -137,6 +138,22 @@ def blas_preload(cache_dir: Path | None = None) -> str:
         )
     openblas = find_openblas()
     return f"{build_gemv_forward(cache_dir)} {openblas}"
+
+
+@lru_cache(maxsize=1)
+def bf16_product_tag() -> float | None:
+    """The alpha that asks the preloaded gemv forwarder for a product of bf16 weights in float32
+    arithmetic (native/gemv_forward.c, "bf16 weights"), or None if this process has no
+    forwarder that knows it: then the tag must never be sent, a plain BLAS would multiply bit
+    patterns. Also None with MLX_LFM2VL_BF16_WEIGHTS=0 (keep weights in the compute dtype)."""
+    if sys.platform != "linux" or os.environ.get("MLX_LFM2VL_BF16_WEIGHTS", "1") == "0":
+        return None
+    try:
+        tag = ctypes.CDLL(None).gemv_forward_bf16_tag  # a preloaded library's global symbol
+    except (OSError, AttributeError):
+        return None
+    tag.restype = ctypes.c_float
+    return tag()
 
 
 def blas_in_use() -> str:

@@ -15,8 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .cpu_backend import keep_freed_memory, slow_blas_warning
+from .cpu_backend import bf16_product_tag, keep_freed_memory, slow_blas_warning
 from .errors import Lfm2VlError
+from .models.kernels import on_cpu
+from .models.lfm2 import Linear
 from .models.lfm2_vl import Lfm2VlModel
 
 # What a hub download fetches: configs, weights, tokenizer and chat template; no PyTorch .bin files.
@@ -171,6 +173,22 @@ def _layer_quantization(
     return f"{path}.scales" in weights
 
 
+def _kept_bf16_weights(model: Lfm2VlModel, target: mx.Dtype) -> set[str]:
+    """The language model's float matmul weights (and its embedding table) that stay bf16 when
+    stored so and computing in float32 on the CPU: the preloaded forwarder multiplies them in
+    float32 as they are (`kernels.bf16_matvec`), so a decode step, bound by reading its weights,
+    reads half the bytes for the same products. Prefill, compute-bound, multiplies them upcast.
+    Empty elsewhere, without the forwarder, or with MLX_LFM2VL_BF16_WEIGHTS=0."""
+    if target != mx.float32 or not on_cpu() or bf16_product_tag() is None:
+        return set()
+    kept = {
+        f"{path}.weight"
+        for path, module in model.named_modules()
+        if type(module) is Linear and (path.startswith("language_model.") or path == "lm_head")
+    }
+    return kept | {"language_model.embed_tokens.weight"}
+
+
 def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> Lfm2VlModel:
     """Build the model of a checkpoint folder or hub id and load its weights."""
     if mx.default_device() == mx.cpu:
@@ -197,8 +215,12 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
     if target is not None:
         # Scales and biases too: the quantized matmul computes in their dtype, and on the CPU
         # bf16 scales run ~10x slower than float32 ones.
+        keep = _kept_bf16_weights(model, target)
         weights = {
-            name: value.astype(target) if mx.issubdtype(value.dtype, mx.floating) else value
+            name: value.astype(target)
+            if mx.issubdtype(value.dtype, mx.floating)
+            and not (name in keep and value.dtype == mx.bfloat16)
+            else value
             for name, value in weights.items()
         }
     model.load_weights(list(weights.items()), strict=True)

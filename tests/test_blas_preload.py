@@ -8,6 +8,7 @@ column is checked against NumPy, in a process that preloads it in front of OpenB
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,101 @@ print("ok")
 """
 
 
+# bf16 weights times float32 rows in the forwarder's own kernel (`kernels.bf16_matvec`), against
+# float64 products of the same values; shapes around its 4-row blocks and its two-thread split.
+_BF16_PRODUCTS_CHECK = r"""
+import mlx.core as mx
+import numpy as np
+from mlx_lfm2vl.models.kernels import bf16_matvec, reads_bf16_weights
+
+mx.set_default_device(mx.cpu)
+assert reads_bf16_weights(mx.zeros((4, 8), mx.bfloat16), mx.float32)
+rng = np.random.default_rng(0)
+shapes = [(1, 2), (7, 10), (63, 1030), (64, 1024), (257, 300), (1030, 4608), (3, 64)]
+for rows, cols in shapes:
+    stack = mx.array(rng.standard_normal((rows + 5, cols)).astype(np.float32)).astype(mx.bfloat16)
+    for name, w in (("whole", stack[:rows]), ("rows of a stack", stack[5:])):
+        x = mx.array(rng.standard_normal((1, cols)).astype(np.float32))
+        got = np.array(bf16_matvec(w, x))
+        w64, x64 = np.array(w.astype(mx.float32), np.float64), np.array(x, np.float64)
+        want = x64 @ w64.T
+        # float32 rounding of a sum of `cols` products: bounded by the sum of their magnitudes
+        bound = 1e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+        if got.shape != (1, rows) or not (np.abs(got - want) <= bound).all():
+            raise SystemExit(f"{rows}x{cols} {name}: max error {np.abs(got - want).max()}")
+print("ok")
+"""
+
+# A tagged call in a layout bf16_matvec never makes must stop the process, not compute garbage.
+_BF16_BAD_LAYOUT = r"""
+import ctypes
+import numpy as np
+from mlx_lfm2vl.cpu_backend import bf16_product_tag
+
+sgemm = ctypes.CDLL(None).cblas_sgemm
+i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+a, b, c = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), np.zeros((3, 5), np.float32)
+sgemm(101, 111, 112, 3, 5, 4, bf16_product_tag(), a.ctypes.data, 4, b.ctypes.data, 4, 0.0,
+      c.ctypes.data, 5)
+print("returned")
+"""
+
+
+# A bf16-stored checkpoint loaded for float32 compute keeps its LM matmul weights bf16 and decodes
+# through the compiled one-token step with `bf16_matvec`; the same model with every weight upcast
+# (the path without the forwarder) must give the same greedy tokens and, to float32 rounding, the
+# same logits.
+_BF16_MODEL_CHECK = r"""
+import sys
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lfm2vl import load
+from mlx_lfm2vl.generate import generate_step, prefill
+
+kept, processor = load(sys.argv[1])
+params = dict(tree_flatten(kept.parameters()))
+bf16 = {name for name, value in params.items() if value.dtype == mx.bfloat16}
+assert "language_model.embed_tokens.weight" in bf16, sorted(bf16)
+assert "language_model.layers.0.feed_forward.w2.weight" in bf16, sorted(bf16)
+assert all(name.startswith("language_model.") for name in bf16), sorted(bf16)
+assert all(not name.endswith("norm.weight") for name in bf16), sorted(bf16)
+for layer in kept.language_model.layers:  # the compiled step takes the bf16 weights
+    assert layer.feed_forward.one_token_weights(mx.float32) is not None
+
+upcast, _ = load(sys.argv[1])
+upcast.update(tree_map(lambda p: p.astype(mx.float32), upcast.parameters()))
+upcast.language_model.fuse_projections()
+
+ids = processor("Name three colours.")["input_ids"]
+def greedy(model, n=12):
+    cache = model.make_cache()
+    logits = prefill(model, ids, None, None, cache=cache)
+    steps = generate_step(model, logits, cache, sampler=lambda l, k: mx.argmax(l, -1),
+                          max_tokens=n)
+    return [int(token) for token, _ in steps]
+
+def stepwise(model, n=12):
+    cache = model.make_cache()
+    logits = prefill(model, ids, None, None, cache=cache)
+    out = [np.array(logits)]
+    token = mx.argmax(logits, axis=-1)
+    for _ in range(n):
+        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        out.append(np.array(logits))
+        token = mx.argmax(logits, axis=-1)
+    return out
+
+a, b = stepwise(kept), stepwise(upcast)
+for step, (x, y) in enumerate(zip(a, b)):
+    if x.argmax() != y.argmax() or np.abs(x - y).max() > 1e-4 * max(1.0, np.abs(y).max()):
+        raise SystemExit(f"step {step}: max logit difference {np.abs(x - y).max()}")
+assert greedy(kept) == greedy(upcast)
+print("ok")
+"""
+
+
 @pytest.fixture(scope="module")
 def preload(tmp_path_factory) -> str:
     try:
@@ -108,6 +204,52 @@ def test_forwarded_one_row_and_one_column_matmuls_match_numpy_in_every_layout(pr
         [sys.executable, "-c", _LAYOUTS_CHECK], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_forwarder_multiplies_bf16_weights_in_float32(preload):
+    env = dict(os.environ, LD_PRELOAD=preload)
+    done = subprocess.run(
+        [sys.executable, "-c", _BF16_PRODUCTS_CHECK], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_stored_bf16_weights_decode_like_upcast_ones(preload, checkpoint_450m, tmp_path):
+    import torch
+    from transformers import Lfm2VlForConditionalGeneration
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(checkpoint_450m, folder)
+    (folder / "model.safetensors").unlink()
+    reference = Lfm2VlForConditionalGeneration.from_pretrained(checkpoint_450m, dtype=torch.float32)
+    reference.to(torch.bfloat16).save_pretrained(folder)
+    env = dict(os.environ, LD_PRELOAD=preload)
+    command = [sys.executable, "-c", _BF16_MODEL_CHECK, str(folder)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_bf16_tag_in_an_unexpected_layout_aborts_with_a_message(preload):
+    env = dict(os.environ, LD_PRELOAD=preload)
+    done = subprocess.run(
+        [sys.executable, "-c", _BF16_BAD_LAYOUT], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "returned" not in done.stdout
+    assert "bf16 product call with an unexpected layout" in done.stderr
+
+
+def test_without_the_forwarder_the_bf16_tag_is_never_offered(preload):
+    code = "from mlx_lfm2vl.cpu_backend import bf16_product_tag; print(bf16_product_tag())"
+    openblas_only = preload.split()[1]
+    for ld_preload, env_flag, offered in (
+        (openblas_only, "1", False),
+        (preload, "0", False),
+        (preload, "1", True),
+    ):
+        env = dict(os.environ, LD_PRELOAD=ld_preload, MLX_LFM2VL_BF16_WEIGHTS=env_flag)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (done.stdout.strip() != "None") == offered, (ld_preload, env_flag, done.stdout)
 
 
 def test_preload_line_puts_the_forwarder_in_front_of_openblas(preload):

@@ -13,9 +13,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from reference import max_error
 
 from mlx_lfm2vl import Lfm2VlError
+from mlx_lfm2vl.cpu_backend import bf16_product_tag
 from mlx_lfm2vl.loading import hf_to_mlx_name, load_model
 
 PROMPT = mx.array([[1, 6, 600, 700, 800, 900, 7, 6, 650]], dtype=mx.int32)
@@ -67,15 +69,21 @@ def test_sharded_bf16_and_fp16_checkpoints_load_and_match_the_reference(tmp_path
         assert error <= 1e-4 * max(1.0, scale), (dtype, error)
 
 
-def test_stored_dtype_is_kept_when_asked(tmp_path, checkpoint_450m):
+def test_stored_dtype_is_kept_when_asked(tmp_path, checkpoint_450m, monkeypatch):
     folder = copy_checkpoint(checkpoint_450m, tmp_path / "bf16")
     (folder / "model.safetensors").unlink()
     fresh_reference(checkpoint_450m).to(torch.bfloat16).save_pretrained(folder)
     model = load_model(folder, dtype="bfloat16")
     assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
-    assert load_model(folder, dtype="float32").language_model.embed_tokens.weight.dtype == (
-        mx.float32
-    )
+    # Float32 compute with the forwarder keeps the LM's matmul weights bf16 (test_blas_preload);
+    # without it, or told not to, every weight is cast.
+    monkeypatch.setenv("MLX_LFM2VL_BF16_WEIGHTS", "0")
+    bf16_product_tag.cache_clear()
+    try:
+        model = load_model(folder, dtype="float32")
+    finally:
+        bf16_product_tag.cache_clear()
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cpu_backend import bf16_product_tag
+
 # exp(x) = 2**n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for accuracy),
 # exp(r) by a degree-7 polynomial (Cephes expf). Adding 1.5 * 2**23 rounds a float32 to an
 # integer, which then also sits in the low mantissa bits: shifting those into the exponent
@@ -286,3 +288,37 @@ def split_rows(multiply: Callable[[int, int], mx.array], rows: int, cols: int) -
         with mx.stream(stream):
             parts.append(multiply(r0, r1))
     return mx.concatenate(parts, axis=-1)
+
+
+def reads_bf16_weights(weight: mx.array, activations: mx.Dtype) -> bool:
+    """Whether `bf16_matvec` can multiply this weight by rows of `activations`: a bf16 weight
+    with an even row length and float32 rows, on the CPU, with the forwarder that computes it
+    preloaded (`cpu_backend.bf16_product_tag`)."""
+    return (
+        weight.dtype == mx.bfloat16
+        and activations == mx.float32
+        and weight.shape[-1] % 2 == 0
+        and on_cpu()
+        and bf16_product_tag() is not None
+    )
+
+
+def bf16_matvec(weight: mx.array, x: mx.array) -> mx.array:
+    """`x @ weight.T` for one float32 row x (..., K) and a bf16 weight (N, K), computed in float32
+    from the bf16 weights as they are: the products equal those with the weight upcast to
+    float32 (bf16 is float32's upper half), and a decode step reads half the bytes.
+
+    MLX has no such kernel on the CPU; the preloaded forwarder has one, reached through a tagged
+    float32 matmul whose operands are the same bytes reinterpreted (see native/gemv_forward.c):
+    x as 2 x K/2 floats, the weight as N x K/2 floats, out 2 x N of which row 0 is the product.
+    Only call it where `reads_bf16_weights` holds.
+    """
+    rows, cols = weight.shape
+    out = mx.addmm(
+        mx.zeros((1,), mx.float32),  # beta = 0: never read
+        x.reshape(2, cols // 2),
+        weight.view(mx.float32).T,
+        alpha=bf16_product_tag(),
+        beta=0.0,
+    )
+    return out[0].reshape(*x.shape[:-1], rows)

@@ -17,7 +17,15 @@ import numpy as np
 
 from ..cache import ConvCache, KVCache
 from ..config import TextConfig
-from .kernels import attention, in_row_blocks, on_cpu, split_rows, swiglu
+from .kernels import (
+    attention,
+    bf16_matvec,
+    in_row_blocks,
+    on_cpu,
+    reads_bf16_weights,
+    split_rows,
+    swiglu,
+)
 
 
 def matvec(weight: mx.array, x: mx.array) -> mx.array:
@@ -27,8 +35,11 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array:
     `weight @ vector` (the results are bitwise equal). In float32 that is a BLAS call, which
     uses every core; in other dtypes MLX's own kernel uses one, so the weight's rows are split
     over the CPU lanes (`kernels.split_rows`: bf16 decode 3.3 -> 5.3 tokens/s at the 450M
-    shapes; splitting float32 gained nothing).
+    shapes; splitting float32 gained nothing). A bf16 weight with a float32 row is read as bf16
+    and multiplied in float32 where the forwarder can (`kernels.bf16_matvec`).
     """
+    if reads_bf16_weights(weight, x.dtype):
+        return bf16_matvec(weight, x)
     vector = x.reshape(-1)
     rows, cols = weight.shape
     if weight.dtype == mx.float32:
@@ -116,9 +127,11 @@ class FusedRows:
         return mx.split(out, self.splits[:-1], axis=-1)
 
 
-def plain_matvec_weight(layer: nn.Module | FusedRows | None) -> mx.array | None:
+def plain_matvec_weight(
+    layer: nn.Module | FusedRows | None, activations: mx.Dtype
+) -> mx.array | None:
     """The weight of a bias-free float layer (or a current stack of them) whose one-row product
-    `matvec` computes as a plain `weight @ vector`, else None (quantized, biased, or a dtype that
+    with `activations` is one op (`_times`), else None (quantized, biased, or a dtype that
     `matvec` splits over the CPU lanes)."""
     if isinstance(layer, FusedRows):
         weight = layer.stacked
@@ -126,7 +139,9 @@ def plain_matvec_weight(layer: nn.Module | FusedRows | None) -> mx.array | None:
         weight = layer.weight
     else:
         return None
-    return weight if weight.dtype == mx.float32 or not on_cpu() else None
+    if weight.dtype == mx.float32 or not on_cpu():
+        return weight
+    return weight if reads_bf16_weights(weight, activations) else None
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -168,10 +183,11 @@ class Attention(nn.Module):
             self._qkv = None  # weights replaced since the fusion: run unfused, free the stack
         return self._qkv
 
-    def one_token_weights(self) -> tuple[mx.array, mx.array] | None:
+    def one_token_weights(self, activations: mx.Dtype) -> tuple[mx.array, mx.array] | None:
         """The stacked q/k/v and the output weight for `decode_step`, or None (see
         `plain_matvec_weight`)."""
-        weights = (plain_matvec_weight(self._current_qkv()), plain_matvec_weight(self.out_proj))
+        qkv = plain_matvec_weight(self._current_qkv(), activations)
+        weights = (qkv, plain_matvec_weight(self.out_proj, activations))
         return None if any(w is None for w in weights) else weights
 
     def __call__(self, x: mx.array, causal: bool, cache: KVCache | None = None) -> mx.array:
@@ -210,10 +226,13 @@ class ShortConv(nn.Module):
         self.in_proj = Linear(dim, 3 * dim, bias=args.conv_bias)
         self.out_proj = Linear(dim, dim, bias=args.conv_bias)
 
-    def one_token_weights(self) -> tuple[mx.array, mx.array, mx.array] | None:
+    def one_token_weights(
+        self, activations: mx.Dtype
+    ) -> tuple[mx.array, mx.array, mx.array] | None:
         """in_proj, the conv weight (D, K, 1) and out_proj for `decode_step`, or None (a bias,
         or see `plain_matvec_weight`)."""
-        in_proj, out_proj = plain_matvec_weight(self.in_proj), plain_matvec_weight(self.out_proj)
+        in_proj = plain_matvec_weight(self.in_proj, activations)
+        out_proj = plain_matvec_weight(self.out_proj, activations)
         if "bias" in self.conv or in_proj is None or out_proj is None:
             return None
         return in_proj, self.conv.weight, out_proj
@@ -260,9 +279,10 @@ class FeedForward(nn.Module):
             self._w13 = None  # weights replaced since the fusion: run unfused, free the stack
         return self._w13
 
-    def one_token_weights(self) -> tuple[mx.array, mx.array] | None:
+    def one_token_weights(self, activations: mx.Dtype) -> tuple[mx.array, mx.array] | None:
         """The stacked w1/w3 and w2 for `decode_step`, or None (see `plain_matvec_weight`)."""
-        weights = (plain_matvec_weight(self._current_w13()), plain_matvec_weight(self.w2))
+        w13 = plain_matvec_weight(self._current_w13(), activations)
+        weights = (w13, plain_matvec_weight(self.w2, activations))
         return None if any(w is None for w in weights) else weights
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -285,9 +305,14 @@ class FeedForward(nn.Module):
 # cache stays outside.
 
 
+def _times(x, weight):
+    """x (1, K) @ weight.T: from bf16 weights in float32 where the forwarder can (`matvec`)."""
+    return bf16_matvec(weight, x) if reads_bf16_weights(weight, x.dtype) else x @ weight.T
+
+
 def _feed_forward_step(h, ffn_norm, w13, w2, eps):
-    gate, up = mx.split(mx.fast.rms_norm(h, ffn_norm, eps) @ w13.T, 2, axis=-1)
-    return h + swiglu(gate, up) @ w2.T
+    gate, up = mx.split(_times(mx.fast.rms_norm(h, ffn_norm, eps), w13), 2, axis=-1)
+    return h + _times(swiglu(gate, up), w2)
 
 
 @mx.compile
@@ -295,13 +320,13 @@ def _conv_layer_step(x, state, operator_norm, in_proj, conv, out_proj, ffn_norm,
     """A short-conv layer on one token: x (1, D), state (1, K-1, D), conv weight (D, K, 1) ->
     the output (1, D) and the next state."""
     D, K = x.shape[1], conv.shape[1]
-    gate_in, gate_out, h = mx.split(mx.fast.rms_norm(x, operator_norm, eps) @ in_proj.T, 3, -1)
+    gate_in, gate_out, h = mx.split(_times(mx.fast.rms_norm(x, operator_norm, eps), in_proj), 3, -1)
     padded = mx.concatenate([state.reshape(K - 1, D), gate_in * h])  # (K, D)
     taps = conv.reshape(D, K).T
     mixed = padded[:1] * taps[:1]
     for k in range(1, K):  # the same additions, in the same order, as prefill
         mixed = mixed + padded[k : k + 1] * taps[k : k + 1]
-    h = x + (gate_out * mixed) @ out_proj.T
+    h = x + _times(gate_out * mixed, out_proj)
     return _feed_forward_step(h, ffn_norm, w13, w2, eps), padded[1:].reshape(1, K - 1, D)
 
 
@@ -320,7 +345,7 @@ def _attention_layer_qkv(x, cos, sin, operator_norm, qkv, q_norm, k_norm, eps, h
     `cos`, `sin` (d / 2,) are its angles (`rope_angles`), `heads` is (Hq, Hkv)."""
     (n_heads, n_kv_heads), head_dim = heads, q_norm.shape[0]
     q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
-    q, k, v = mx.split(mx.fast.rms_norm(x, operator_norm, eps) @ qkv.T, [q_end, k_end], -1)
+    q, k, v = mx.split(_times(mx.fast.rms_norm(x, operator_norm, eps), qkv), [q_end, k_end], -1)
     q = mx.fast.rms_norm(q.reshape(1, n_heads, 1, head_dim), q_norm, eps)
     k = mx.fast.rms_norm(k.reshape(1, n_kv_heads, 1, head_dim), k_norm, eps)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v.reshape(1, n_kv_heads, 1, head_dim)
@@ -329,7 +354,7 @@ def _attention_layer_qkv(x, cos, sin, operator_norm, qkv, q_norm, k_norm, eps, h
 @mx.compile
 def _attention_layer_out(x, attended, out_proj, ffn_norm, w13, w2, eps):
     """The rest of an attention layer on one token: x (1, D), attended (1, Hq, 1, d)."""
-    h = x + attended.reshape(1, -1) @ out_proj.T  # one query: (1, Hq, 1, d) is row-ordered
+    h = x + _times(attended.reshape(1, -1), out_proj)  # one query: (1, Hq, 1, d) is row-ordered
     return _feed_forward_step(h, ffn_norm, w13, w2, eps)
 
 
@@ -365,9 +390,9 @@ class DecoderLayer(nn.Module):
     def decode_step(self, x: mx.array, cache: KVCache | ConvCache) -> mx.array | None:
         """The layer on one token x (1, D) with its compiled step function, updating `cache`;
         None when a projection is not a plain matvec (quantized, biased, unfused)."""
-        ffn = self.feed_forward.one_token_weights()
+        ffn = self.feed_forward.one_token_weights(x.dtype)
         mixer = self.self_attn if self.is_attention_layer else self.conv
-        own = mixer.one_token_weights()
+        own = mixer.one_token_weights(x.dtype)
         if ffn is None or own is None:
             return None
         eps = self.operator_norm.eps

@@ -68,7 +68,10 @@ class Lfm2VlModel(nn.Module):
         spatial_shapes=None,
     ) -> mx.array:
         """Token embeddings with image features in the `<image>` slots, shape (1, L, D)."""
+        # The table may be kept bf16 under float32 compute (`loading._kept_bf16_weights`); the
+        # activations have the norms' dtype.
         embeddings = self.language_model.embed_tokens(input_ids)
+        embeddings = embeddings.astype(self.language_model.embedding_norm.weight.dtype)
         if pixel_values is None:
             return embeddings
         if input_ids.shape[0] != 1:

@@ -11,11 +11,20 @@
  * cblas_sgemm, sends row-major products with one row or one column to the next library's
  * cblas_sgemv, and passes every other call through unchanged. Only the order of the additions
  * inside one dot product changes (float32 rounding, ~1e-7 relative).
+ *
+ * It also computes one-row products with bfloat16 weights in float32 arithmetic (see
+ * bf16_product below): the published weights are bf16, and a decode step bound by reading them
+ * reads half the bytes that way, with the same products as on the weights upcast to float32.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
@@ -34,12 +43,201 @@ __attribute__((constructor)) static void find_next_blas(void) {
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
 }
 
+/* ------------------------------------------------------------ bf16 weights, float32 arithmetic
+ *
+ * MLX has no CPU kernel that reads bf16 weights and multiplies in float32 (its bf16 matmul runs
+ * in ~7 GFLOP/s reference code), and an extension of MLX would need its Python bindings built
+ * against MLX's own. So the port asks for this product through an ordinary float32 matmul that
+ * MLX hands to cblas_sgemm, marked by an alpha no real call uses (BF16_TAG), with operands that
+ * are the bf16 data reinterpreted (models/kernels.py, bf16_matvec):
+ *   a: the float32 input row x (K values) viewed as 2 x K/2, row-major, lda = K/2;
+ *   b: the bf16 weight (N x K) viewed as float32 N x K/2, transposed, ldb >= K/2;
+ *   c: 2 x N; row 0 receives x . W^T, row 1 zeros.
+ * Python only sends the tag after finding gemv_forward_bf16_tag in the process, so the tag never
+ * reaches a BLAS that would multiply the bit patterns. A tagged call of any other shape aborts.
+ * The rows are split between the calling thread and one helper thread: two cores read memory
+ * ~40% faster than one here. */
+
+#define BF16_TAG (-0x1.5bf16p-60f)
+
+float gemv_forward_bf16_tag(void) { return BF16_TAG; }
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16; /* exact: bf16 is float32's upper half */
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+/* y[r] = dot(w row r, x) for rows [r0, r1); w rows are `stride` bf16 values apart. Four rows
+ * share each load of x; eight partial sums per row, added pairwise at the end. */
+static void bf16_rows_portable(const uint16_t *w, size_t stride, int cols, const float *x,
+                               float *y, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *row = w + (size_t)r * stride;
+        float part[8] = {0};
+        int c = 0;
+        for (; c + 8 <= cols; c += 8)
+            for (int j = 0; j < 8; j++) part[j] += bf16_to_float(row[c + j]) * x[c + j];
+        for (; c < cols; c++) part[0] += bf16_to_float(row[c]) * x[c];
+        y[r] = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+    }
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("avx2,fma"))) static inline __m256 bf16x8(const uint16_t *p) {
+    __m128i half = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx2,fma"))) static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void bf16_rows_avx2(const uint16_t *w, size_t stride,
+                                                               int cols, const float *x, float *y,
+                                                               int r0, int r1) {
+    int r = r0, body = cols & ~7;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = w + (size_t)r * stride, *w1 = w0 + stride, *w2 = w1 + stride,
+                       *w3 = w2 + stride;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int c = 0; c < body; c += 8) {
+            __m256 xv = _mm256_loadu_ps(x + c);
+            s0 = _mm256_fmadd_ps(bf16x8(w0 + c), xv, s0);
+            s1 = _mm256_fmadd_ps(bf16x8(w1 + c), xv, s1);
+            s2 = _mm256_fmadd_ps(bf16x8(w2 + c), xv, s2);
+            s3 = _mm256_fmadd_ps(bf16x8(w3 + c), xv, s3);
+        }
+        float t[4] = {sum8(s0), sum8(s1), sum8(s2), sum8(s3)};
+        for (int c = body; c < cols; c++)
+            for (int j = 0; j < 4; j++) t[j] += bf16_to_float(w0[(size_t)j * stride + c]) * x[c];
+        memcpy(y + r, t, sizeof t);
+    }
+    if (r < r1) bf16_rows_portable(w, stride, cols, x, y, r, r1);
+}
+#endif
+
+typedef void (*rows_fn)(const uint16_t *, size_t, int, const float *, float *, int, int);
+static rows_fn bf16_rows = bf16_rows_portable;
+
+/* The helper thread's share of a product. One product at a time (`submit` is held). */
+static struct {
+    const uint16_t *w;
+    size_t stride;
+    int cols;
+    const float *x;
+    float *y;
+    int r0, r1;
+} share;
+static atomic_uint posted, finished;
+static pthread_mutex_t submit = PTHREAD_MUTEX_INITIALIZER, wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int helper_started;
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* Spins for up to 200 us after each share (a decode step's products come microseconds apart,
+ * and waking a sleeping thread costs more than that), then sleeps until the next one. */
+static void *helper(void *unused) {
+    (void)unused;
+    unsigned seen = 0;
+    for (;;) {
+        double until = seconds() + 200e-6;
+        while (atomic_load_explicit(&posted, memory_order_acquire) == seen && seconds() < until)
+            ;
+        pthread_mutex_lock(&wake_lock);
+        while (atomic_load_explicit(&posted, memory_order_acquire) == seen)
+            pthread_cond_wait(&wake, &wake_lock);
+        pthread_mutex_unlock(&wake_lock);
+        seen = atomic_load_explicit(&posted, memory_order_acquire);
+        bf16_rows(share.w, share.stride, share.cols, share.x, share.y, share.r0, share.r1);
+        atomic_store_explicit(&finished, seen, memory_order_release);
+    }
+    return NULL;
+}
+
+static void bf16_product(const uint16_t *w, size_t stride, int rows, int cols, const float *x,
+                         float *y) {
+    /* Below ~64k weights the hand-off costs more than the second core saves. */
+    int split = rows >= 64 && (size_t)rows * cols >= 65536 && pthread_mutex_trylock(&submit) == 0;
+    if (!split) {
+        bf16_rows(w, stride, cols, x, y, 0, rows);
+        return;
+    }
+    if (!helper_started) {
+        pthread_t thread;
+        helper_started = 1;
+        if (pthread_create(&thread, NULL, helper, NULL) != 0) {
+            helper_started = 0;
+            pthread_mutex_unlock(&submit);
+            bf16_rows(w, stride, cols, x, y, 0, rows);
+            return;
+        }
+        pthread_detach(thread);
+    }
+    int half = (rows / 2 + 3) & ~3;
+    share.w = w, share.stride = stride, share.cols = cols, share.x = x, share.y = y;
+    share.r0 = half, share.r1 = rows;
+    pthread_mutex_lock(&wake_lock);
+    unsigned ticket = atomic_fetch_add_explicit(&posted, 1, memory_order_release) + 1;
+    pthread_cond_signal(&wake);
+    pthread_mutex_unlock(&wake_lock);
+    bf16_rows(w, stride, cols, x, y, 0, half);
+    while (atomic_load_explicit(&finished, memory_order_acquire) != ticket)
+        ;
+    pthread_mutex_unlock(&submit);
+}
+
+static void tagged_call(int order, int trans_a, int trans_b, int m, int n, int k, const float *a,
+                        int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+    /* MLX picks the transpose flags from the strides, which say nothing when a dimension is 1:
+     * a one-float-wide x or weight row, or a single weight row, may come either way. */
+    int a_contiguous = (trans_a == NO_TRANS && lda == k) || k == 1;
+    size_t row_stride = 0; /* floats from one weight row to the next */
+    if (trans_b == TRANS && ldb >= k)
+        row_stride = ldb;
+    else if (trans_b == NO_TRANS && k == 1)
+        row_stride = 1;
+    else if (trans_b == NO_TRANS && n == 1)
+        row_stride = k;
+    if (order != ROW_MAJOR || m != 2 || !a_contiguous || !row_stride || beta != 0.0f || ldc < n) {
+        fprintf(stderr, "gemv_forward: a bf16 product call with an unexpected layout (m=%d n=%d "
+                        "k=%d lda=%d ldb=%d trans %d,%d); please report this as a bug of "
+                        "mlx_lfm2vl\n",
+                m, n, k, lda, ldb, trans_a, trans_b);
+        abort();
+    }
+    bf16_product((const uint16_t *)b, 2 * row_stride, n, 2 * k, a, c);
+    memset(c + ldc, 0, n * sizeof(float));
+}
+
+#if defined(__x86_64__)
+__attribute__((constructor)) static void pick_bf16_kernel(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bf16_rows = bf16_rows_avx2;
+}
+#endif
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     if (!next_sgemm || !next_sgemv) {
         fprintf(stderr, "gemv_forward: no BLAS with cblas_sgemm/cblas_sgemv is loaded after it; "
                         "list the BLAS library after this one in LD_PRELOAD\n");
         abort();
+    }
+    if (alpha == BF16_TAG) {
+        tagged_call(order, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+        return;
     }
     if (order == ROW_MAJOR && k > 0 && m == 1) {
         /* c (1 x n) = row (1 x k) . op(b) (k x n), i.e. c = op(b)^T row. The row is a's only row,
