@@ -25,7 +25,10 @@ published) are built once with `--torch-python` and cached in `--cache` (/work/b
 default). mlx-vlm loads the same HF-layout folder (its `sanitize` maps the names); it keeps the
 stored bf16, so for the float32 columns the benchmark casts its weights with
 `model.set_dtype(mx.float32)` right after `load()` (inside the timed load). This port's `load()`
-computes in float32 on the CPU by default.
+computes in float32 on the CPU by default; with the forwarder preloaded it keeps the language
+model's stored bf16 matmul weights and multiplies them in float32 as they are (the same
+products, half the bytes read per token), unless `--port-f32-weights` casts them like mlx-vlm's.
+The table header says which.
 
 Stages, each port and mlx-vlm interleaved A B A B after one warm-up of each: image preprocessing
 (processor call: chat template, resize/tile, patchify, tokenize), vision tower + projector, time to
@@ -406,6 +409,12 @@ def main() -> None:
         help="run each contender on its own quantized conversion (affine, group 64, every layer "
         "its converter quantizes by default; this port: recipe uniform-N), made once in --cache",
     )
+    parser.add_argument(
+        "--port-f32-weights",
+        action="store_true",
+        help="cast the port's LM weights to float32 too (MLX_LFM2VL_BF16_WEIGHTS=0); by default "
+        "a float32 run keeps the stored bf16 matmul weights and multiplies them in float32",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONTENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -413,6 +422,8 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.cache / args.model
     dtype = None if args.dtype == "stored" else args.dtype
+    if args.port_f32_weights:
+        os.environ["MLX_LFM2VL_BF16_WEIGHTS"] = "0"  # read at the port's first load; inherited
 
     if args.build:
         print(build(args.model, args.cache))
@@ -534,17 +545,19 @@ def main() -> None:
         )
 
     bandwidth = copy_bandwidth()
-    weight_bytes = contenders[0].lm_weight_bytes()
+    weight_bytes = {c.name: c.lm_weight_bytes() for c in contenders}
+    port_weights = str(contenders[0].model.language_model.embed_tokens.weight.dtype).split(".")[-1]
     if "decode" in raw:
         # Each run against the limit of its own moment: copy rate / weight bytes per token.
         bound = {
-            k: [d * weight_bytes / r * 100 for d, r in zip(v, raw["copy rate"][k], strict=True)]
+            k: [d * weight_bytes[k] / r * 100 for d, r in zip(v, raw["copy rate"][k], strict=True)]
             for k, v in raw["decode"].items()
         }
-        limits = [r / weight_bytes for v in raw["copy rate"].values() for r in v]
+        limits = {k: [r / weight_bytes[k] for r in v] for k, v in raw["copy rate"].items()}
+        span = ", ".join(f"{k} {min(v):.1f}-{max(v):.1f}" for k, v in limits.items())
         rows.append(
             (
-                f"decode / bandwidth limit (limit {min(limits):.1f}-{max(limits):.1f} tok/s)",
+                f"decode / bandwidth limit (limit tok/s: {span})",
                 {k: fmt(v, digits=0) for k, v in bound.items()},
                 "%",
             )
@@ -625,7 +638,9 @@ def main() -> None:
         f"{blas_in_use()}), {os.cpu_count()} cores, load average {load_avg_start[0]:.2f} at "
         f"start / {os.getloadavg()[0]:.2f} at end, copy bandwidth MLX "
         f"{bandwidth['mlx'] / 1e9:.1f} GB/s, NumPy {bandwidth['numpy'] / 1e9:.1f} GB/s, LM weights "
-        f"read per token {weight_bytes / 2**20:.0f} MiB, {args.runs} interleaved runs after "
+        f"read per token: "
+        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in weight_bytes.items())
+        + f" (port's LM matmul weights in {port_weights}), {args.runs} interleaved runs after "
         f"warm-up (median ± half range), Python {platform.python_version()}.",
         "",
         "| stage | unit | port | mlx-vlm | speed-up port vs mlx-vlm | transformers (torch CPU) |",

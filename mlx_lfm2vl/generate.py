@@ -666,7 +666,11 @@ def _cli():
         if verbose and chunk is not None:
             dtype = str(loaded_model.language_model.embedding_norm.weight.dtype).split(".")[-1]
             device = mx.default_device().type.name
-            lines = [f"model: {folder} (compute dtype {dtype}, device {device})"]
+            # Float32 compute may keep the stored bf16 matmul weights (loading._kept_bf16_weights).
+            table = loaded_model.language_model.embed_tokens.weight.dtype
+            kept = table == mx.bfloat16 and dtype == "float32"
+            weights = ", LM weights bf16 as stored" if kept else ""
+            lines = [f"model: {folder} (compute dtype {dtype}{weights}, device {device})"]
             if device == "cpu":
                 lines.append(f"BLAS: {blas_in_use()}")
             lines += _format_stats(chunk.stats, chunk.finish_reason)
