@@ -159,6 +159,11 @@ class Port:
 class MlxVlm:
     name = "mlx-vlm"
 
+    def lm_weight_bytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.language_model.parameters()))
+
     def load(self, folder: Path, dtype: str | None):
         import mlx.core as mx
         import mlx_vlm.tokenizer_utils
@@ -450,6 +455,9 @@ def main() -> None:
     contenders = [Port(), MlxVlm()]
     for c in contenders:
         c.load(folders[c.name], dtype)
+    weight_bytes = {c.name: c.lm_weight_bytes() for c in contenders}
+    port_weights = str(contenders[0].model.language_model.embed_tokens.weight.dtype).split(".")[-1]
+    print("LM weight bytes", weight_bytes, file=sys.stderr)
     rows: list[tuple[str, dict[str, str], str]] = []  # (stage, value per contender, unit)
     raw: dict[str, dict[str, list[float]]] = {}
 
@@ -545,8 +553,6 @@ def main() -> None:
         )
 
     bandwidth = copy_bandwidth()
-    weight_bytes = {c.name: c.lm_weight_bytes() for c in contenders}
-    port_weights = str(contenders[0].model.language_model.embed_tokens.weight.dtype).split(".")[-1]
     if "decode" in raw:
         # Each run against the limit of its own moment: copy rate / weight bytes per token.
         bound = {
