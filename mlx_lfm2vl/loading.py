@@ -176,9 +176,9 @@ def _layer_quantization(
 def _kept_bf16_weights(model: Lfm2VlModel, target: mx.Dtype) -> set[str]:
     """The language model's float matmul weights (and its embedding table) that stay bf16 when
     stored so and computing in float32 on the CPU: the preloaded forwarder multiplies them in
-    float32 as they are (`kernels.bf16_matvec`), so a decode step, bound by reading its weights,
-    reads half the bytes for the same products. Prefill, compute-bound, multiplies them upcast.
-    Empty elsewhere, without the forwarder, or with MLX_LFM2VL_BF16_WEIGHTS=0."""
+    float32 as they are (`kernels.bf16_matmul`), so a decode step, bound by reading its weights,
+    reads half the bytes for the same products. Empty elsewhere, without the forwarder, or with
+    MLX_LFM2VL_BF16_WEIGHTS=0."""
     if target != mx.float32 or not on_cpu() or bf16_product_tag() is None:
         return set()
     kept = {

@@ -95,32 +95,39 @@ print("ok")
 """
 
 
-# bf16 weights times float32 rows in the forwarder's own kernel (`kernels.bf16_matvec`), against
-# float64 products of the same values; shapes around its 4-row blocks and its two-thread split.
+# bf16 weights times float32 rows in the forwarder (`kernels.bf16_matmul`), against float64
+# products of the same values: one row (its own kernel; shapes around its 4-row blocks and its
+# two-thread split) and several (panels widened for sgemm).
 _BF16_PRODUCTS_CHECK = r"""
 import mlx.core as mx
 import numpy as np
-from mlx_lfm2vl.models.kernels import bf16_matvec, reads_bf16_weights
+from mlx_lfm2vl.models.kernels import bf16_matmul, reads_bf16_weights
 
 mx.set_default_device(mx.cpu)
 assert reads_bf16_weights(mx.zeros((4, 8), mx.bfloat16), mx.float32)
 rng = np.random.default_rng(0)
 shapes = [(1, 2), (7, 10), (63, 1030), (64, 1024), (257, 300), (1030, 4608), (3, 64)]
-for rows, cols in shapes:
+for (rows, cols), m in zip(shapes * 2, [1] * len(shapes) + [2, 3, 5, 17, 40, 9, 64]):
     stack = mx.array(rng.standard_normal((rows + 5, cols)).astype(np.float32)).astype(mx.bfloat16)
     for name, w in (("whole", stack[:rows]), ("rows of a stack", stack[5:])):
-        x = mx.array(rng.standard_normal((1, cols)).astype(np.float32))
-        got = np.array(bf16_matvec(w, x))
+        x = mx.array(rng.standard_normal((1, m, cols)).astype(np.float32))
+        got = np.array(bf16_matmul(w, x))
         w64, x64 = np.array(w.astype(mx.float32), np.float64), np.array(x, np.float64)
         want = x64 @ w64.T
         # float32 rounding of a sum of `cols` products: bounded by the sum of their magnitudes
         bound = 1e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
-        if got.shape != (1, rows) or not (np.abs(got - want) <= bound).all():
-            raise SystemExit(f"{rows}x{cols} {name}: max error {np.abs(got - want).max()}")
+        if got.shape != (1, m, rows) or not (np.abs(got - want) <= bound).all():
+            raise SystemExit(f"{m} x {rows}x{cols} {name}: max error {np.abs(got - want).max()}")
+# Panels: a weight wider than one 8 MiB panel of float32 rows, cut into several.
+w = mx.array(rng.standard_normal((3000, 1024)).astype(np.float32)).astype(mx.bfloat16)
+x = mx.array(rng.standard_normal((6, 1024)).astype(np.float32))
+want = np.array(x, np.float64) @ np.array(w.astype(mx.float32), np.float64).T
+if not np.allclose(np.array(bf16_matmul(w, x)), want, rtol=1e-4, atol=1e-3):
+    raise SystemExit("panels: wrong product")
 print("ok")
 """
 
-# A tagged call in a layout bf16_matvec never makes must stop the process, not compute garbage.
+# A tagged call in a layout bf16_matmul never makes must stop the process, not compute garbage.
 _BF16_BAD_LAYOUT = r"""
 import ctypes
 import numpy as np
@@ -137,7 +144,7 @@ print("returned")
 
 
 # A bf16-stored checkpoint loaded for float32 compute keeps its LM matmul weights bf16 and decodes
-# through the compiled one-token step with `bf16_matvec`; the same model with every weight upcast
+# through the compiled one-token step with `bf16_matmul`; the same model with every weight upcast
 # (the path without the forwarder) must give the same greedy tokens and, to float32 rounding, the
 # same logits.
 _BF16_MODEL_CHECK = r"""

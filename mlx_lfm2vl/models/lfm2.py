@@ -19,7 +19,7 @@ from ..cache import ConvCache, KVCache
 from ..config import TextConfig
 from .kernels import (
     attention,
-    bf16_matvec,
+    bf16_matmul,
     in_row_blocks,
     on_cpu,
     reads_bf16_weights,
@@ -36,10 +36,10 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array:
     uses every core; in other dtypes MLX's own kernel uses one, so the weight's rows are split
     over the CPU lanes (`kernels.split_rows`: bf16 decode 3.3 -> 5.3 tokens/s at the 450M
     shapes; splitting float32 gained nothing). A bf16 weight with a float32 row is read as bf16
-    and multiplied in float32 where the forwarder can (`kernels.bf16_matvec`).
+    and multiplied in float32 where the forwarder can (`kernels.bf16_matmul`).
     """
     if reads_bf16_weights(weight, x.dtype):
-        return bf16_matvec(weight, x)
+        return bf16_matmul(weight, x)
     vector = x.reshape(-1)
     rows, cols = weight.shape
     if weight.dtype == mx.float32:
@@ -69,12 +69,23 @@ def quantized_matvec(layer: nn.QuantizedLinear | nn.QuantizedEmbedding, x: mx.ar
     return split_rows(multiply, layer["scales"].shape[0], x.shape[-1])
 
 
+def project(weight: mx.array, x: mx.array) -> mx.array:
+    """`x @ weight.T` by the path its shape and dtypes call for: `matvec` for one row, the
+    forwarder's bf16 product for bf16 weights kept under float32 compute (`kernels.bf16_matmul`;
+    MLX would upcast the whole weight at every call), else MLX's matmul."""
+    if x.size == x.shape[-1]:
+        return matvec(weight, x)
+    if reads_bf16_weights(weight, x.dtype):
+        return bf16_matmul(weight, x)
+    return x @ weight.T
+
+
 class Linear(nn.Linear):
-    """nn.Linear; a one-row input without bias takes the matrix-vector path (see `matvec`)."""
+    """nn.Linear; without bias, `project` picks the path (one row, bf16 weights kept)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size == x.shape[-1] and "bias" not in self:
-            return matvec(self.weight, x)
+        if "bias" not in self:
+            return project(self.weight, x)
         return super().__call__(x)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
@@ -120,11 +131,7 @@ class FusedRows:
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         """Each layer's output for x."""
-        if x.size == x.shape[-1]:
-            out = matvec(self.stacked, x)
-        else:
-            out = x @ self.stacked.T
-        return mx.split(out, self.splits[:-1], axis=-1)
+        return mx.split(project(self.stacked, x), self.splits[:-1], axis=-1)
 
 
 def plain_matvec_weight(
@@ -307,7 +314,7 @@ class FeedForward(nn.Module):
 
 def _times(x, weight):
     """x (1, K) @ weight.T: from bf16 weights in float32 where the forwarder can (`matvec`)."""
-    return bf16_matvec(weight, x) if reads_bf16_weights(weight, x.dtype) else x @ weight.T
+    return bf16_matmul(weight, x) if reads_bf16_weights(weight, x.dtype) else x @ weight.T
 
 
 def _feed_forward_step(h, ffn_norm, w13, w2, eps):

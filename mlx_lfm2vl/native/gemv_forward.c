@@ -46,17 +46,21 @@ __attribute__((constructor)) static void find_next_blas(void) {
 /* ------------------------------------------------------------ bf16 weights, float32 arithmetic
  *
  * MLX has no CPU kernel that reads bf16 weights and multiplies in float32 (its bf16 matmul runs
- * in ~7 GFLOP/s reference code), and an extension of MLX would need its Python bindings built
- * against MLX's own. So the port asks for this product through an ordinary float32 matmul that
- * MLX hands to cblas_sgemm, marked by an alpha no real call uses (BF16_TAG), with operands that
- * are the bf16 data reinterpreted (models/kernels.py, bf16_matvec):
- *   a: the float32 input row x (K values) viewed as 2 x K/2, row-major, lda = K/2;
- *   b: the bf16 weight (N x K) viewed as float32 N x K/2, transposed, ldb >= K/2;
- *   c: 2 x N; row 0 receives x . W^T, row 1 zeros.
+ * in ~7 GFLOP/s reference code, and a mixed-dtype matmul first converts the whole weight at
+ * ~3 ns per element), and an extension of MLX would need its Python bindings built against
+ * MLX's own. So the port asks for this product through an ordinary float32 matmul that MLX
+ * hands to cblas_sgemm, marked by an alpha no real call uses (BF16_TAG), with operands that are
+ * the bf16 data reinterpreted (models/kernels.py, bf16_matmul):
+ *   a: the float32 input, m rows of K values, viewed as 2m x K/2, row-major;
+ *   b: the bf16 weight (N x K) viewed as float32 N x K/2, transposed;
+ *   c: 2m x N; rows 0..m-1 receive x . W^T, the others are left as they were (never read).
+ * One row (a decode step) runs the kernel below, the rows split between the calling thread and
+ * a helper thread: two cores read memory ~40% faster than one here. More rows (a prefill) are
+ * bound by arithmetic: panels of the weight are widened to float32 in a buffer that stays in
+ * cache and multiplied by the next library's sgemm.
  * Python only sends the tag after finding gemv_forward_bf16_tag in the process, so the tag never
- * reaches a BLAS that would multiply the bit patterns. A tagged call of any other shape aborts.
- * The rows are split between the calling thread and one helper thread: two cores read memory
- * ~40% faster than one here. */
+ * reaches a BLAS that would multiply the bit patterns. A tagged call in any other layout aborts.
+ */
 
 #define BF16_TAG (-0x1.5bf16p-60f)
 
@@ -198,6 +202,50 @@ static void bf16_product(const uint16_t *w, size_t stride, int rows, int cols, c
     pthread_mutex_unlock(&submit);
 }
 
+/* rows x cols bf16 (rows `stride` apart) -> rows x cols float32, contiguous. */
+static void widen_rows_portable(const uint16_t *w, size_t stride, int rows, int cols, float *out) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) out[(size_t)r * cols + c] = bf16_to_float(w[r * stride + c]);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void widen_rows_avx2(const uint16_t *w, size_t stride,
+                                                                int rows, int cols, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *row = w + (size_t)r * stride;
+        float *dest = out + (size_t)r * cols;
+        int c = 0;
+        for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(dest + c, bf16x8(row + c));
+        for (; c < cols; c++) dest[c] = bf16_to_float(row[c]);
+    }
+}
+#endif
+
+typedef void (*widen_fn)(const uint16_t *, size_t, int, int, float *);
+static widen_fn widen_rows = widen_rows_portable;
+
+/* Weight rows widened per sgemm call: 8 MiB of float32, which stays in the last-level cache. */
+enum { PANEL_BYTES = 8 << 20 };
+
+static void bf16_matmul(const uint16_t *w, size_t stride, int m, int n, int cols, const float *x,
+                        float *y, int ldy) {
+    int panel = PANEL_BYTES / (cols * (int)sizeof(float));
+    if (panel < 16) panel = 16;
+    if (panel > n) panel = n;
+    float *widened = malloc((size_t)panel * cols * sizeof(float));
+    if (!widened) {
+        fprintf(stderr, "gemv_forward: out of memory for a %d x %d float32 panel\n", panel, cols);
+        abort();
+    }
+    for (int n0 = 0; n0 < n; n0 += panel) {
+        int rows = n - n0 < panel ? n - n0 : panel;
+        widen_rows(w + (size_t)n0 * stride, stride, rows, cols, widened);
+        next_sgemm(ROW_MAJOR, NO_TRANS, TRANS, m, rows, cols, 1.0f, x, cols, widened, cols, 0.0f,
+                   y + n0, ldy);
+    }
+    free(widened);
+}
+
 static void tagged_call(int order, int trans_a, int trans_b, int m, int n, int k, const float *a,
                         int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     /* MLX picks the transpose flags from the strides, which say nothing when a dimension is 1:
@@ -210,21 +258,27 @@ static void tagged_call(int order, int trans_a, int trans_b, int m, int n, int k
         row_stride = 1;
     else if (trans_b == NO_TRANS && n == 1)
         row_stride = k;
-    if (order != ROW_MAJOR || m != 2 || !a_contiguous || !row_stride || beta != 0.0f || ldc < n) {
+    if (order != ROW_MAJOR || m < 2 || m % 2 || !a_contiguous || !row_stride || beta != 0.0f ||
+        ldc < n) {
         fprintf(stderr, "gemv_forward: a bf16 product call with an unexpected layout (m=%d n=%d "
                         "k=%d lda=%d ldb=%d trans %d,%d); please report this as a bug of "
                         "mlx_lfm2vl\n",
                 m, n, k, lda, ldb, trans_a, trans_b);
         abort();
     }
-    bf16_product((const uint16_t *)b, 2 * row_stride, n, 2 * k, a, c);
-    memset(c + ldc, 0, n * sizeof(float));
+    if (m == 2)
+        bf16_product((const uint16_t *)b, 2 * row_stride, n, 2 * k, a, c);
+    else
+        bf16_matmul((const uint16_t *)b, 2 * row_stride, m / 2, n, 2 * k, a, c, ldc);
 }
 
 #if defined(__x86_64__)
 __attribute__((constructor)) static void pick_bf16_kernel(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bf16_rows = bf16_rows_avx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        bf16_rows = bf16_rows_avx2;
+        widen_rows = widen_rows_avx2;
+    }
 }
 #endif
 
