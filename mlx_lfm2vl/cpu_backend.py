@@ -144,8 +144,9 @@ def blas_preload(cache_dir: Path | None = None) -> str:
 def bf16_product_tag() -> float | None:
     """The alpha that asks the preloaded gemv forwarder for a product of bf16 weights in float32
     arithmetic (native/gemv_forward.c, "bf16 weights"), or None if this process has no
-    forwarder that knows it: then the tag must never be sent, a plain BLAS would multiply bit
-    patterns. Also None with MLX_LFM2VL_BF16_WEIGHTS=0 (keep weights in the compute dtype)."""
+    forwarder that knows it (or it has no fast kernel for this CPU): then the tag must never be
+    sent, a plain BLAS would multiply bit patterns. Also None with MLX_LFM2VL_BF16_WEIGHTS=0
+    (keep weights in the compute dtype)."""
     if sys.platform != "linux" or os.environ.get("MLX_LFM2VL_BF16_WEIGHTS", "1") == "0":
         return None
     try:
@@ -153,7 +154,7 @@ def bf16_product_tag() -> float | None:
     except (OSError, AttributeError):
         return None
     tag.restype = ctypes.c_float
-    return tag()
+    return tag() or None  # 0: the forwarder has no fast kernel for this CPU
 
 
 def blas_in_use() -> str:

@@ -64,7 +64,11 @@ __attribute__((constructor)) static void find_next_blas(void) {
 
 #define BF16_TAG (-0x1.5bf16p-60f)
 
-float gemv_forward_bf16_tag(void) { return BF16_TAG; }
+/* The tag, or 0 where only the portable loops run: those were never measured against sgemv, so
+ * Python then upcasts the weights as before. Set at load time (pick_bf16_kernel). */
+static float offered_tag;
+
+float gemv_forward_bf16_tag(void) { return offered_tag; }
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t widened = (uint32_t)bits << 16; /* exact: bf16 is float32's upper half */
@@ -278,6 +282,7 @@ __attribute__((constructor)) static void pick_bf16_kernel(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         bf16_rows = bf16_rows_avx2;
         widen_rows = widen_rows_avx2;
+        offered_tag = BF16_TAG;
     }
 }
 #endif
