@@ -14,7 +14,7 @@ import numpy as np
 from ..cache import ConvCache, KVCache
 from ..config import ModelConfig
 from ..errors import Lfm2VlError
-from .lfm2 import Lfm2Model, Linear, matvec, quantized_matvec
+from .lfm2 import Lfm2Model, Linear, project, quantized_matvec
 from .projector import MultiModalProjector
 from .siglip2 import VisionModel
 
@@ -110,11 +110,11 @@ class Lfm2VlModel(nn.Module):
         if "lm_head" in self:
             return self.lm_head(hidden)
         embed = self.language_model.embed_tokens
-        if hidden.size == hidden.shape[-1]:  # one row: a decode step or a prompt's last token
-            if isinstance(embed, nn.QuantizedEmbedding):
+        if isinstance(embed, nn.QuantizedEmbedding):
+            if hidden.size == hidden.shape[-1]:  # one row: a decode step or a prompt's last token
                 return quantized_matvec(embed, hidden)
-            return matvec(embed.weight, hidden)
-        return embed.as_linear(hidden)
+            return embed.as_linear(hidden)
+        return project(embed.weight, hidden)  # the tied head: matvec, bf16 kept, or a matmul
 
     def make_cache(self) -> list[KVCache | ConvCache]:
         return self.language_model.make_cache()
