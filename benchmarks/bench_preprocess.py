@@ -26,7 +26,8 @@ from PIL import Image
 from mlx_lfm2vl.image_processor import ImageProcessor, ImageProcessorSettings
 
 REFERENCE_CONFIG = (
-    Path(__file__).resolve().parents[2] / "shared/reference/LFM2-VL-450M/preprocessor_config.json"
+    Path(__file__).resolve().parents[1]
+    / "tests/data/reference/LFM2-VL-450M/preprocessor_config.json"
 )
 
 

@@ -2,9 +2,9 @@
 
 The real weights cannot be downloaded here, so every parity test runs on checkpoints that
 `transformers` itself builds and saves (`save_pretrained`) from the published configs in
-`shared/reference/`, shrunk in width and depth. What is kept is what the port's code paths depend
-on: head counts and GQA ratios, the `layer_types` pattern, the patch and tile geometry, the field
-spellings of each published revision, and the processor files.
+`tests/data/reference/`, shrunk in width and depth. What is kept is what the port's code paths
+depend on: head counts and GQA ratios, the `layer_types` pattern, the patch and tile geometry, the
+field spellings of each published revision, and the processor files.
 
 The real `tokenizer.json` (4.7 MB) is not available either: `build_tokenizer` writes a byte-level
 BPE tokenizer whose special tokens sit at the published ids (`<image>` = 396, tiles 397-496, ...).
@@ -19,7 +19,9 @@ import json
 import shutil
 from pathlib import Path
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The published config files, kept in the repository; data/reference/SOURCES.md says where
+# each came from.
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 
 # Files copied verbatim from a published checkpoint folder into a fixture checkpoint.
 PROCESSOR_FILES = (
@@ -45,7 +47,8 @@ def reference_dir(name: str) -> Path:
     folder = REFERENCE_DIR / name
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"{folder} is missing: the tests need shared/reference beside the repo"
+            f"{folder} is missing: tests/data/reference is part of the repository; restore it "
+            "with git checkout"
         )
     return folder
 

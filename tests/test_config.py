@@ -13,7 +13,8 @@ from mlx_lfm2vl import Lfm2VlError
 from mlx_lfm2vl.config import ModelConfig
 from mlx_lfm2vl.models.lfm2_vl import Lfm2VlModel
 
-# Parameter counts measured with transformers 5.23 on these configs (shared/reference/SOURCES.md).
+# Parameter counts measured with transformers 5.23 on these configs
+# (tests/data/reference/SOURCES.md).
 PUBLISHED = {
     "LFM2-VL-450M": dict(params=450_822_656, ff_dim=4608, vision_layers=12, hidden=1024),
     "LFM2-VL-1.6B": dict(params=1_584_804_000, ff_dim=8192, vision_layers=26, hidden=2048),

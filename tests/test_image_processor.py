@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import REFERENCE_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,10 +36,6 @@ from mlx_lfm2vl.image_processor import (
     resolve_settings,
     smart_resize,
 )
-
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REFERENCE_DIR.is_dir():  # the published files live next to the repository
-    REFERENCE_DIR = Path("/work/shared/reference")
 
 # The reference decodes paths with torchvision's deprecated image IO.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
