@@ -10,10 +10,10 @@ Run by hand, never part of the test suite. Setup (once):
     # random-weight checkpoints and runs the transformers column; /work/venv is one
 
 Run (the same BLAS for every contender; the script records which one MLX loaded). The preload
-the port's README gives: OpenBLAS behind the port's gemv forwarder (`cpu_backend.py`), which
-both contenders then use, since they share the process:
+the port's README gives: OpenBLAS behind the port's gemv forwarder (`mlx_lfm2vl/cpu/blas.py`),
+which both contenders then use, since they share the process:
 
-    LD_PRELOAD="$(/work/bench-venv/bin/python -m mlx_lfm2vl.cpu_backend)" \
+    LD_PRELOAD="$(/work/bench-venv/bin/python -m mlx_lfm2vl.cpu)" \
         /work/bench-venv/bin/python benchmarks/bench_vs_mlx_vlm.py \
         --torch-python /work/venv/bin/python \
         [--model lfm2-vl-450m-real] [--runs 3] [--tokens 128] [--out results.md]
@@ -281,15 +281,12 @@ def copy_rate_now() -> float:
 
 
 def blas_in_use() -> str:
-    maps = Path("/proc/self/maps").read_text()
-    libs = sorted(
-        {
-            line.split()[-1]
-            for line in maps.splitlines()
-            if "blas" in line.lower() or "gemv_forward" in line
-        }
-    )
-    return ", ".join(Path(p).name for p in libs if p.startswith("/")) or "bundled (none found)"
+    """The BLAS MLX calls in this process, as the port's `--verbose` names it."""
+    try:
+        from mlx_lfm2vl.cpu.blas import blas_in_use as port_blas_in_use
+    except ImportError:  # a checkout from before mlx_lfm2vl/cpu/ (runs comparing versions)
+        from mlx_lfm2vl.cpu_backend import blas_in_use as port_blas_in_use
+    return port_blas_in_use()
 
 
 # ---------------------------------------------------------------- fresh-process measurements

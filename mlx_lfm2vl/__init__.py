@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # `python -m mlx_lfm2vl.generate` imports this package first, which imports the generate module
-# (and through it cpu_backend) for the exports below; runpy then warns that the module it is
-# about to run as __main__ was already imported. Running it is safe (the CLIs keep no module
+# for the exports below; runpy then warns that the module it is about to run as __main__ was
+# already imported. Running it is safe (the CLIs keep no module
 # state), so that one warning is silenced rather than dropping `from mlx_lfm2vl import generate`.
 warnings.filterwarnings(
     "ignore",
-    message="'mlx_lfm2vl\\.(generate|cpu_backend)' found in sys.modules",
+    message="'mlx_lfm2vl\\.generate' found in sys.modules",
     category=RuntimeWarning,
 )
 

@@ -8,17 +8,13 @@ names, optionally quantized, with a `quantization` section in config.json).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .cpu_backend import bf16_product_tag, keep_freed_memory, slow_blas_warning
 from .errors import Lfm2VlError
-from .models.kernels import on_cpu
-from .models.lfm2 import Linear
 from .models.lfm2_vl import Lfm2VlModel
 
 # What a hub download fetches: configs, weights, tokenizer and chat template; no PyTorch .bin files.
@@ -141,7 +137,13 @@ def _check_names(model: nn.Module, weights: dict[str, mx.array], folder: Path) -
             )
 
 
-def compute_dtype(requested: str | mx.Dtype | None) -> mx.Dtype | None:
+def computes_on_cpu() -> bool:
+    """Whether MLX computes on its CPU backend: the one device question the port asks. There the
+    model gets the CPU backend (`mlx_lfm2vl.cpu`) and float32 by default."""
+    return mx.default_device() == mx.cpu
+
+
+def compute_dtype(requested: str | mx.Dtype | None, on_cpu: bool) -> mx.Dtype | None:
     """The dtype floating-point weights are cast to, or None to keep them as stored.
 
     MLX's CPU backend is fast only in float32 (bf16 and fp16 run on slow reference kernels there),
@@ -150,7 +152,7 @@ def compute_dtype(requested: str | mx.Dtype | None) -> mx.Dtype | None:
     if isinstance(requested, mx.Dtype):
         return requested
     if requested is None:
-        return mx.float32 if mx.default_device() == mx.cpu else None
+        return mx.float32 if on_cpu else None
     names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
     if requested not in names:
         raise Lfm2VlError(f"dtype {requested!r} is not one of {', '.join(names)}")
@@ -173,28 +175,12 @@ def _layer_quantization(
     return f"{path}.scales" in weights
 
 
-def _kept_bf16_weights(model: Lfm2VlModel, target: mx.Dtype) -> set[str]:
-    """The language model's float matmul weights (and its embedding table) that stay bf16 when
-    stored so and computing in float32 on the CPU: the preloaded forwarder multiplies them in
-    float32 as they are (`kernels.bf16_matmul`), so a decode step, bound by reading its weights,
-    reads half the bytes for the same products. Empty elsewhere, without the forwarder, or with
-    MLX_LFM2VL_BF16_WEIGHTS=0."""
-    if target != mx.float32 or not on_cpu() or bf16_product_tag() is None:
-        return set()
-    kept = {
-        f"{path}.weight"
-        for path, module in model.named_modules()
-        if type(module) is Linear and (path.startswith("language_model.") or path == "lm_head")
-    }
-    return kept | {"language_model.embed_tokens.weight"}
-
-
 def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> Lfm2VlModel:
-    """Build the model of a checkpoint folder or hub id and load its weights."""
-    if mx.default_device() == mx.cpu:
-        keep_freed_memory()
-        if (slow_blas := slow_blas_warning()) is not None:
-            warnings.warn(slow_blas, RuntimeWarning, stacklevel=3)
+    """Build the model of a checkpoint folder or hub id and load its weights; on MLX's CPU
+    backend, install the CPU backend on it (`mlx_lfm2vl.cpu.prepare`)."""
+    on_cpu = computes_on_cpu()
+    if on_cpu:
+        from . import cpu  # never imported on Metal
     folder = resolve_model_path(path_or_id)
     config = ModelConfig.from_file(folder / "config.json")
     model = Lfm2VlModel(config)
@@ -211,11 +197,11 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
             ),
         )
     _check_names(model, weights, folder)
-    target = compute_dtype(dtype)
+    target = compute_dtype(dtype, on_cpu)
     if target is not None:
         # Scales and biases too: the quantized matmul computes in their dtype, and on the CPU
         # bf16 scales run ~10x slower than float32 ones.
-        keep = _kept_bf16_weights(model, target)
+        keep = cpu.kept_bf16_weights(model, target) if on_cpu else set()
         weights = {
             name: value.astype(target)
             if mx.issubdtype(value.dtype, mx.floating)
@@ -224,8 +210,9 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
             for name, value in weights.items()
         }
     model.load_weights(list(weights.items()), strict=True)
-    weights.clear()  # the stacking below must be able to free the unstacked weights
-    model.language_model.fuse_projections()
+    weights.clear()  # the CPU backend's stacking must be able to free the unstacked weights
     model.eval()
+    if on_cpu:
+        cpu.prepare(model)
     mx.eval(model.parameters())
     return model

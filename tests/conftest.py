@@ -1,4 +1,17 @@
-"""Shared fixtures: tiny random-weight checkpoints built once per test session by the reference."""
+"""Shared fixtures: tiny random-weight checkpoints built once per test session by the reference.
+
+Two ways to run the suite, both on this machine's CPU:
+
+- `python -m pytest`: as MLX's CPU backend runs the port (`mlx_lfm2vl.cpu` installed by load(),
+  float32 compute by default).
+- `python -m pytest --metal-path`: as a Mac runs it: load() installs nothing (the plain MLX model
+  of `mlx_lfm2vl/models/`) and keeps the stored dtype, bf16 for bf16 checkpoints. Only the
+  device question is answered differently (`loading.computes_on_cpu`); MLX still computes on
+  the CPU, so what this checks is the code and its numbers, not Metal's kernels or speed.
+
+Tests marked `cpu_backend` test the CPU backend itself: they run on MLX's CPU device in both
+modes (and on a Mac), with the CPU backend installed.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +30,63 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+import mlx.core as mx  # noqa: E402
 from checkpoints import FIXTURES, build_checkpoint  # noqa: E402
+
+import mlx_lfm2vl.loading  # noqa: E402
+
+_computes_on_cpu = mlx_lfm2vl.loading.computes_on_cpu
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--metal-path",
+        action="store_true",
+        help="run the code a Mac runs (the plain MLX model in its stored dtype, no CPU backend), "
+        "emulated on MLX's CPU",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cpu_backend: tests MLX's CPU backend itself; runs on the CPU device in any mode"
+    )
+
+
+def pytest_report_header(config):
+    if config.getoption("--metal-path"):
+        return "mlx-lfm2vl: the Metal code path (plain MLX model, stored dtype), on the CPU"
+    return "mlx-lfm2vl: the CPU backend code path"
+
+
+def metal_path(config) -> bool:
+    return config.getoption("--metal-path")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def code_path(request):
+    """ "cpu" or "metal": how load() prepares models in this session (see the module docstring).
+    Session-wide, so that models loaded by module- and session-scoped fixtures follow it too."""
+    if not metal_path(request.config):
+        yield "cpu" if _computes_on_cpu() else "metal"
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mlx_lfm2vl.loading, "computes_on_cpu", lambda: False)
+        yield "metal"
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend_pinned(request, code_path):
+    """Tests marked `cpu_backend` run on MLX's CPU device with the CPU backend, in any mode."""
+    if request.node.get_closest_marker("cpu_backend") is None:
+        yield
+        return
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mlx_lfm2vl.loading, "computes_on_cpu", lambda: True)
+        yield
+    mx.set_default_device(device)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The optional BLAS preload of `cpu_backend.py`: one-row float32 matmuls forwarded to gemv.
+"""The BLAS preload of `cpu/blas.py`: one-row float32 matmuls forwarded to gemv, bf16 weights
+multiplied in float32, and how the port finds, checks and relaunches with it.
 
 The forwarder rewrites BLAS arguments (leading dimensions, strides, transposes), where a slip gives
 wrong numbers rather than an error, so every layout MLX can hand to cblas_sgemm with one row or one
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lfm2vl import cpu_backend
+from mlx_lfm2vl.cpu import blas as cpu_backend
 from mlx_lfm2vl.errors import Lfm2VlError
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="the BLAS preload is for MLX's CPU backend on Linux"
-)
+pytestmark = [
+    pytest.mark.cpu_backend,
+    pytest.mark.skipif(
+        sys.platform != "linux", reason="the BLAS preload is for MLX's CPU backend on Linux"
+    ),
+]
 
 # Runs under LD_PRELOAD="forwarder openblas". Prints "ok" or the first failing case.
 _LAYOUTS_CHECK = r"""
@@ -95,13 +99,13 @@ print("ok")
 """
 
 
-# bf16 weights times float32 rows in the forwarder (`kernels.bf16_matmul`), against float64
+# bf16 weights times float32 rows in the forwarder (`ops.bf16_matmul`), against float64
 # products of the same values: one row (its own kernel; shapes around its 4-row blocks and its
 # two-thread split) and several (panels widened for sgemm).
 _BF16_PRODUCTS_CHECK = r"""
 import mlx.core as mx
 import numpy as np
-from mlx_lfm2vl.models.kernels import bf16_matmul, reads_bf16_weights
+from mlx_lfm2vl.cpu.ops import bf16_matmul, reads_bf16_weights
 
 mx.set_default_device(mx.cpu)
 assert reads_bf16_weights(mx.zeros((4, 8), mx.bfloat16), mx.float32)
@@ -131,7 +135,7 @@ print("ok")
 _BF16_BAD_LAYOUT = r"""
 import ctypes
 import numpy as np
-from mlx_lfm2vl.cpu_backend import bf16_product_tag
+from mlx_lfm2vl.cpu.blas import bf16_product_tag
 
 sgemm = ctypes.CDLL(None).cblas_sgemm
 i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -153,6 +157,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lfm2vl import load
+from mlx_lfm2vl.cpu import prepare
 from mlx_lfm2vl.generate import generate_step, prefill
 
 kept, processor = load(sys.argv[1])
@@ -162,12 +167,12 @@ assert "language_model.embed_tokens.weight" in bf16, sorted(bf16)
 assert "language_model.layers.0.feed_forward.w2.weight" in bf16, sorted(bf16)
 assert all(name.startswith("language_model.") for name in bf16), sorted(bf16)
 assert all(not name.endswith("norm.weight") for name in bf16), sorted(bf16)
-for layer in kept.language_model.layers:  # the compiled step takes the bf16 weights
-    assert layer.feed_forward.one_token_weights(mx.float32) is not None
+# the compiled one-token step takes the bf16 weights
+assert all(step.usable(mx.float32) for step in kept.language_model.steps.layers)
 
 upcast, _ = load(sys.argv[1])
 upcast.update(tree_map(lambda p: p.astype(mx.float32), upcast.parameters()))
-upcast.language_model.fuse_projections()
+prepare(upcast)  # stacks and compiled steps for the new weights
 
 ids = processor("Name three colours.")["input_ids"]
 def greedy(model, n=12):
@@ -246,7 +251,7 @@ def test_bf16_tag_in_an_unexpected_layout_aborts_with_a_message(preload):
 
 
 def test_without_the_forwarder_the_bf16_tag_is_never_offered(preload):
-    code = "from mlx_lfm2vl.cpu_backend import bf16_product_tag; print(bf16_product_tag())"
+    code = "from mlx_lfm2vl.cpu.blas import bf16_product_tag; print(bf16_product_tag())"
     openblas_only = preload.split()[1]
     for ld_preload, env_flag, offered in (
         (openblas_only, "1", False),
@@ -296,7 +301,7 @@ def test_missing_openblas_names_the_package_to_install(monkeypatch):
 def test_command_line_prints_the_preload_line_or_one_error_line(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     env.pop("LD_PRELOAD", None)
-    command = [sys.executable, "-m", "mlx_lfm2vl.cpu_backend"]
+    command = [sys.executable, "-m", "mlx_lfm2vl.cpu"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith(str(tmp_path / "mlx_lfm2vl" / "libgemv_forward-"))
@@ -322,3 +327,76 @@ def test_load_warns_once_when_mlx_runs_on_its_bundled_blas(checkpoint_450m, prel
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert ("bundled reference BLAS" in done.stdout) == warned, done.stdout
+
+
+def _run(code: str, ld_preload: str, **env: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, LD_PRELOAD=ld_preload, **env)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True
+    )
+
+
+def test_a_canary_product_proves_the_tag_reaches_the_forwarder(preload):
+    """Without the forwarder, MLX multiplies the reinterpreted bits: the canary must see it."""
+    code = (
+        "from mlx_lfm2vl.cpu.blas import _tag_reaches_the_forwarder\n"
+        "print(_tag_reaches_the_forwarder(float.fromhex('-0x1.5bf16p-60')))"
+    )
+    for ld_preload, reaches in ((preload, "True"), (preload.split()[1], "False"), ("", "False")):
+        done = _run(code, ld_preload)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == reaches, (ld_preload, done.stdout)
+
+
+def test_blas_in_use_names_what_mlx_calls_not_a_privately_loaded_openblas(preload):
+    """numpy 1.26 bundles its own OpenBLAS, loaded privately (RTLD_LOCAL): MLX never calls it."""
+    openblas = preload.split()[1]
+    code = (
+        "import ctypes\n"
+        f"ctypes.CDLL({openblas!r}, mode=ctypes.RTLD_LOCAL)\n"
+        "from mlx_lfm2vl.cpu.blas import blas_in_use\n"
+        "print(blas_in_use())"
+    )
+    assert _run(code, "").stdout.startswith("MLX's bundled reference BLAS")
+    assert _run(code, openblas).stdout.strip() == Path(openblas).name
+    assert _run(code, preload).stdout.strip() == f"{Path(openblas).name} with the gemv forwarder"
+
+
+def test_relaunch_preloads_the_blas_replays_the_command_and_restores_ld_preload(tmp_path):
+    code = (
+        "import os, sys\n"
+        "from mlx_lfm2vl.cpu.blas import blas_in_use, relaunch_with_blas_preload\n"
+        "relaunch_with_blas_preload()\n"
+        "print(blas_in_use(), repr(os.environ.get('LD_PRELOAD')), sys.flags.optimize)\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("LD_PRELOAD", None)
+    env.pop("MLX_LFM2VL_BLAS_PRELOAD", None)
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", code], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # the interpreter option survived, and the programs this one starts get no preload
+    assert done.stdout.split()[-3:] == ["forwarder", "None", "1"], done.stdout
+    env["LD_PRELOAD"] = ""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.split()[-2:] == ["''", "0"], done.stdout
+
+
+def test_an_unwritable_cache_folder_is_a_clear_error_and_the_cli_still_runs(tmp_path):
+    with pytest.raises(Lfm2VlError, match="XDG_CACHE_HOME"):
+        cpu_backend.build_gemv_forward(Path("/dev/null/cache"))
+    env = dict(os.environ, XDG_CACHE_HOME="/dev/null/cache", LD_PRELOAD="")
+    command = [sys.executable, "-m", "mlx_lfm2vl.generate", "--help"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "Usage" in done.stdout, done.stderr
+    helper = subprocess.run(
+        [sys.executable, "-m", "mlx_lfm2vl.cpu"], env=env, capture_output=True, text=True
+    )
+    assert helper.returncode == 1 and "XDG_CACHE_HOME" in helper.stderr
+    assert len(helper.stderr.strip().splitlines()) == 1
+
+
+def test_a_compiler_given_with_options_in_cc_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "cc -Wall")
+    assert cpu_backend.build_gemv_forward(tmp_path).exists()

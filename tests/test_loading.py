@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from reference import max_error
 
 from mlx_lfm2vl import Lfm2VlError
-from mlx_lfm2vl.cpu_backend import bf16_product_tag
+from mlx_lfm2vl.cpu.blas import bf16_product_tag
 from mlx_lfm2vl.loading import hf_to_mlx_name, load_model
 
 PROMPT = mx.array([[1, 6, 600, 700, 800, 900, 7, 6, 650]], dtype=mx.int32)
@@ -65,7 +65,8 @@ def test_sharded_bf16_and_fp16_checkpoints_load_and_match_the_reference(tmp_path
         reference = Lfm2VlForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():
             expected = reference(torch.tensor(np.asarray(PROMPT), dtype=torch.long)).logits[0]
-        error, scale = max_error(text_logits(folder)[0], expected)
+        # float32 compute on every device: this pins reading, not the compute dtype
+        error, scale = max_error(text_logits(folder, dtype="float32")[0], expected)
         assert error <= 1e-4 * max(1.0, scale), (dtype, error)
 
 
@@ -210,3 +211,30 @@ def test_importing_and_loading_never_imports_torch_or_transformers(checkpoint_45
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_on_metal_load_keeps_the_stored_dtype_and_never_imports_the_cpu_backend(
+    tmp_path, checkpoint_450m
+):
+    """What a Mac runs: the device question answered "not the CPU" (see tests/conftest.py)."""
+    folder = copy_checkpoint(checkpoint_450m, tmp_path / "bf16")
+    (folder / "model.safetensors").unlink()
+    fresh_reference(checkpoint_450m).to(torch.bfloat16).save_pretrained(folder)
+    code = (
+        "import sys\n"
+        "import mlx.core as mx\n"
+        "from mlx.utils import tree_flatten\n"
+        "import mlx_lfm2vl.loading as loading\n"
+        "loading.computes_on_cpu = lambda: False\n"
+        "from mlx_lfm2vl import generate, load\n"
+        f"model, processor = load({str(folder)!r})\n"
+        "generate(model, processor, 'Hi', max_tokens=2)\n"
+        "dtypes = {str(v.dtype) for _, v in tree_flatten(model.parameters())}\n"
+        "print(sorted(dtypes), 'mlx_lfm2vl.cpu' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("]")[0] == "['mlx.core.bfloat16'"
+    assert result.stdout.split("]")[1].split() == ["False"]

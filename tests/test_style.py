@@ -23,3 +23,21 @@ def ruff(*args: str) -> subprocess.CompletedProcess:
 def test_ruff_reports_nothing(args):
     result = ruff(*args)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_model_files_are_plain_mlx_math():
+    """`models/` holds the model's math and nothing else: what a device needs is installed on a
+    loaded model from `mlx_lfm2vl/cpu/` (see its docstring), so no model file asks about the
+    device, reads the environment or reaches for native code."""
+    allowed_imports = {"__future__", "functools", "math", "mlx", "numpy", "..cache", "..config"}
+    allowed_imports |= {"..errors", ".lfm2", ".projector", ".siglip2"}
+    forbidden = ("default_device", "os.environ", "ctypes", "sys.platform", "..cpu", "bf16")
+    for path in sorted((ROOT / "mlx_lfm2vl" / "models").glob("*.py")):
+        source = path.read_text()
+        for line in source.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]):
+                module = words[1].split(".")[0] or words[1]
+                assert module in allowed_imports or words[1] in allowed_imports, (path, line)
+        for word in forbidden:
+            assert word not in source, (path.name, word)

@@ -14,7 +14,7 @@ import numpy as np
 from ..cache import ConvCache, KVCache
 from ..config import ModelConfig
 from ..errors import Lfm2VlError
-from .lfm2 import Lfm2Model, Linear, project, quantized_matvec
+from .lfm2 import Lfm2Model
 from .projector import MultiModalProjector
 from .siglip2 import VisionModel
 
@@ -27,7 +27,7 @@ class Lfm2VlModel(nn.Module):
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = Lfm2Model(config.text)
         if not config.text.tie_word_embeddings:
-            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     def get_image_features(self, pixel_values: mx.array, spatial_shapes) -> mx.array:
         """Packed patches of all views -> image embeddings (tokens, text hidden), in view order.
@@ -68,10 +68,7 @@ class Lfm2VlModel(nn.Module):
         spatial_shapes=None,
     ) -> mx.array:
         """Token embeddings with image features in the `<image>` slots, shape (1, L, D)."""
-        # The table may be kept bf16 under float32 compute (`loading._kept_bf16_weights`); the
-        # activations have the norms' dtype.
         embeddings = self.language_model.embed_tokens(input_ids)
-        embeddings = embeddings.astype(self.language_model.embedding_norm.weight.dtype)
         if pixel_values is None:
             return embeddings
         if input_ids.shape[0] != 1:
@@ -109,12 +106,7 @@ class Lfm2VlModel(nn.Module):
     def lm_head_logits(self, hidden: mx.array) -> mx.array:
         if "lm_head" in self:
             return self.lm_head(hidden)
-        embed = self.language_model.embed_tokens
-        if isinstance(embed, nn.QuantizedEmbedding):
-            if hidden.size == hidden.shape[-1]:  # one row: a decode step or a prompt's last token
-                return quantized_matvec(embed, hidden)
-            return embed.as_linear(hidden)
-        return project(embed.weight, hidden)  # the tied head: matvec, bf16 kept, or a matmul
+        return self.language_model.embed_tokens.as_linear(hidden)  # the tied head
 
     def make_cache(self) -> list[KVCache | ConvCache]:
         return self.language_model.make_cache()

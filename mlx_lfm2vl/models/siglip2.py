@@ -9,18 +9,21 @@ padded, so no attention mask is needed and no work is spent on padding.
 Parameter names follow the reference (`model.vision_tower.*`): `embeddings.patch_embedding`,
 `embeddings.position_embedding`, `encoder.layers.N.{layer_norm1,self_attn,layer_norm2,mlp}`,
 `post_layernorm`.
+
+MLX's own math on every device; `Attention.attend` and `MLP.activation` are seams a backend may
+replace on a loaded model (the CPU backend in `mlx_lfm2vl/cpu/` does).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import math
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
-from .kernels import attention, gelu_tanh, in_row_blocks
 
 
 def _antialiased_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
@@ -50,6 +53,19 @@ def position_resize_matrix(grid: int, height: int, width: int) -> mx.array:
     rows = _antialiased_bilinear_weights(grid, height)
     cols = _antialiased_bilinear_weights(grid, width)
     return mx.array(np.kron(rows, cols).astype(np.float32))
+
+
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+@partial(mx.compile, shapeless=True)  # one fused loop instead of seven element-wise ops
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation (torch's `gelu_pytorch_tanh`), written with a sigmoid.
+
+    0.5 * (1 + tanh(z)) == sigmoid(2z): the same function, one transcendental instead of the
+    tanh's two exps.
+    """
+    return x * mx.sigmoid(_GELU_2C * (x + 0.044715 * x * x * x))
 
 
 class VisionEmbeddings(nn.Module):
@@ -86,8 +102,12 @@ class Attention(nn.Module):
             proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = attention(q, k, v, self.scale)
+        out = self.attend(q, k, v)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """Every patch of a view attends to every other: no mask, no padding."""
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -100,10 +120,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        def rows(x: mx.array) -> mx.array:
-            return self.fc2(self.activation(self.fc1(x)))
-
-        return in_row_blocks(rows, x, self.fc1.weight.shape[0])
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):

@@ -50,7 +50,7 @@ __attribute__((constructor)) static void find_next_blas(void) {
  * ~3 ns per element), and an extension of MLX would need its Python bindings built against
  * MLX's own. So the port asks for this product through an ordinary float32 matmul that MLX
  * hands to cblas_sgemm, marked by an alpha no real call uses (BF16_TAG), with operands that are
- * the bf16 data reinterpreted (models/kernels.py, bf16_matmul):
+ * the bf16 data reinterpreted (cpu/ops.py, bf16_matmul):
  *   a: the float32 input, m rows of K values, viewed as 2m x K/2, row-major;
  *   b: the bf16 weight (N x K) viewed as float32 N x K/2, transposed;
  *   c: 2m x N; rows 0..m-1 receive x . W^T, the others are left as they were (never read).
@@ -68,7 +68,14 @@ __attribute__((constructor)) static void find_next_blas(void) {
  * Python then upcasts the weights as before. Set at load time (pick_bf16_kernel). */
 static float offered_tag;
 
-float gemv_forward_bf16_tag(void) { return offered_tag; }
+float gemv_forward_bf16_tag(void) { return next_sgemm && next_sgemv ? offered_tag : 0.0f; }
+
+/* The file name of the BLAS that calls are forwarded to ("" if none), for `--verbose`. */
+const char *gemv_forward_next_blas(void) {
+    Dl_info info;
+    if (next_sgemm && dladdr((void *)next_sgemm, &info) && info.dli_fname) return info.dli_fname;
+    return "";
+}
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t widened = (uint32_t)bits << 16; /* exact: bf16 is float32's upper half */

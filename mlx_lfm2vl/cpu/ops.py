@@ -1,7 +1,6 @@
-"""Attention and activations, with fast paths for MLX's CPU backend.
+"""Attention, activations and matmuls for MLX's CPU backend (measured with MLX 0.32 on x86-64).
 
-On a GPU these are MLX's own: `mx.fast.scaled_dot_product_attention`, `mx.sigmoid`. On MLX's
-CPU backend (measured with MLX 0.32 on x86-64) two things make those slow:
+Two things make MLX's own ops slow on the CPU:
 
 - Transcendental functions run one element at a time through a slow `exp` (~12 ns per
   element: a 12 x 1024 x 1024 softmax, one vision attention layer, takes ~150 ms). `_exp` below
@@ -12,21 +11,20 @@ CPU backend (measured with MLX 0.32 on x86-64) two things make those slow:
   and a one-row matmul its weight rows, into one group per CPU stream ("lanes") that run side
   by side.
 
-Both are plain MLX, so the model runs unchanged on every device; only the choice of path looks
-at the device.
+Everything here is plain MLX; `cpu.layers` installs it on a loaded model. The polynomial paths
+are float32 only: other dtypes get MLX's own ops.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
-from functools import lru_cache
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from ..cpu_backend import bf16_product_tag
+from .blas import bf16_product_tag
 
 # exp(x) = 2**n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for accuracy),
 # exp(r) by a degree-7 polynomial (Cephes expf). Adding 1.5 * 2**23 rounds a float32 to an
@@ -60,76 +58,45 @@ def _exp(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def _softmax(x: mx.array) -> mx.array:
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis of a float32 array."""
     e = _exp(x - mx.max(x, axis=-1, keepdims=True))
     return e / mx.sum(e, axis=-1, keepdims=True)
-
-
-@mx.compile
-def _log_softmax(x: mx.array) -> mx.array:
-    shifted = x - mx.max(x, axis=-1, keepdims=True)
-    return shifted - mx.log(mx.sum(_exp(shifted), axis=-1, keepdims=True))
 
 
 _GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 @mx.compile
-def _gelu_tanh_cpu(x: mx.array) -> mx.array:
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation, as x * sigmoid(2z) (see models/siglip2.py), float32."""
     return x / (1.0 + _exp(-_GELU_2C * (x + 0.044715 * x * x * x)))
 
 
 @mx.compile
-def _gelu_tanh(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(_GELU_2C * (x + 0.044715 * x * x * x))
-
-
-@mx.compile
-def _swiglu_cpu(gate: mx.array, up: mx.array) -> mx.array:
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, float32."""
     return gate / (1.0 + _exp(-gate)) * up
 
 
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
+def _float32(x: mx.array) -> bool:
+    return x.dtype == mx.float32
 
 
-def _fast_cpu(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and on_cpu()
+_per_thread = threading.local()
 
 
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU, tanh approximation (torch's `gelu_pytorch_tanh`), written with a sigmoid.
-
-    0.5 * (1 + tanh(z)) == sigmoid(2z): the same function, one transcendental instead of the
-    tanh's two exps.
-    """
-    return _gelu_tanh_cpu(x) if _fast_cpu(x) else _gelu_tanh(x)
-
-
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up."""
-    return _swiglu_cpu(gate, up) if _fast_cpu(gate) else nn.silu(gate) * up
-
-
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis."""
-    return _softmax(x) if _fast_cpu(x) else mx.softmax(x, axis=-1, precise=True)
-
-
-def log_softmax(x: mx.array) -> mx.array:
-    """Log-probabilities over the last axis (a decode step's 65536 logits: 1.0 -> 0.2 ms on the
-    CPU)."""
-    return _log_softmax(x) if _fast_cpu(x) else x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
-@lru_cache(maxsize=1)
 def lanes() -> tuple[mx.Stream, ...]:
     """CPU streams that attention spreads its heads over: one per core, at most 4.
 
     New streams, not the default one: work queued on the stream that also produces the inputs
-    waits behind it instead of running alongside.
+    waits behind it instead of running alongside. Since MLX 0.32 a stream belongs to the
+    thread that made it, so each thread gets its own.
     """
-    return tuple(mx.new_stream(mx.cpu) for _ in range(max(1, min(4, os.cpu_count() or 1))))
+    if not hasattr(_per_thread, "lanes"):
+        count = max(1, min(4, os.cpu_count() or 1))
+        _per_thread.lanes = tuple(mx.new_stream(mx.cpu) for _ in range(count))
+    return _per_thread.lanes
 
 
 # Below this many query x key pairs per head, attention is cheap and splitting it costs more
@@ -153,9 +120,9 @@ def attention(
     cache). Returns (B, Hq, L, d).
     """
     L, S = q.shape[2], k.shape[2]
-    if L == 1 and S >= _ONE_QUERY_MIN_KEYS and _fast_cpu(q):
+    if L == 1 and S >= _ONE_QUERY_MIN_KEYS and _float32(q):
         return _one_query_attention(q, k, v, scale)
-    if not _fast_cpu(q) or L * S < _SPLIT_MIN_PAIRS:
+    if not _float32(q) or L * S < _SPLIT_MIN_PAIRS:
         mask = "causal" if causal and L > 1 else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, Hq, _, d = q.shape
@@ -257,7 +224,7 @@ def in_row_blocks(fn: Callable[[mx.array], mx.array], x: mx.array, width: int) -
     """
     rows = x.size // x.shape[-1]
     block = max(64, _ROW_BLOCK // width)
-    if not _fast_cpu(x) or rows <= block:
+    if not _float32(x) or rows <= block:
         return fn(x)
     flat = x.reshape(rows, x.shape[-1])
     parts = []
@@ -280,7 +247,7 @@ def split_rows(multiply: Callable[[int, int], mx.array], rows: int, cols: int) -
     `rows` x `cols` (rows 0..rows are its outputs); the parts are joined on the last axis.
     """
     streams = lanes()
-    if not on_cpu() or len(streams) == 1 or rows * cols < _SPLIT_MIN_WEIGHTS:
+    if len(streams) == 1 or rows * cols < _SPLIT_MIN_WEIGHTS:
         return multiply(0, rows)
     bounds = [round(i * rows / len(streams)) for i in range(len(streams) + 1)]
     parts = []
@@ -292,13 +259,12 @@ def split_rows(multiply: Callable[[int, int], mx.array], rows: int, cols: int) -
 
 def reads_bf16_weights(weight: mx.array, activations: mx.Dtype) -> bool:
     """Whether `bf16_matmul` can multiply rows of `activations` by this weight: a bf16 weight
-    with an even row length and float32 rows, on the CPU, with the forwarder that computes it
-    preloaded (`cpu_backend.bf16_product_tag`)."""
+    with an even row length and float32 rows, with the forwarder that computes it preloaded
+    (`blas.bf16_product_tag`)."""
     return (
         weight.dtype == mx.bfloat16
         and activations == mx.float32
         and weight.shape[-1] % 2 == 0
-        and on_cpu()
         and bf16_product_tag() is not None
     )
 
@@ -310,7 +276,7 @@ def bf16_matmul(weight: mx.array, x: mx.array) -> mx.array:
     rows skip MLX's upcast of the whole weight (~3 ns per element).
 
     MLX has no such kernel on the CPU; the preloaded forwarder has, reached through a tagged
-    float32 matmul whose operands are the same bytes reinterpreted (see native/gemv_forward.c):
+    float32 matmul whose operands are the same bytes reinterpreted (see cpu/native/gemv_forward.c):
     m rows of x as 2m x K/2 floats, the weight as N x K/2 floats, out 2m x N of which the first
     m rows are the product. Only call it where `reads_bf16_weights` holds.
     """
@@ -325,3 +291,56 @@ def bf16_matmul(weight: mx.array, x: mx.array) -> mx.array:
         beta=0.0,
     )
     return out[:m].reshape(*x.shape[:-1], rows)
+
+
+def matvec(weight: mx.array, x: mx.array) -> mx.array:
+    """`x @ weight.T` for an input of one row (a decode step), as a matrix-vector product.
+
+    MLX runs a one-row matmul as a general matmul, up to 4x slower than `weight @ vector` (the
+    results are bitwise equal). In float32 that is a BLAS call, which uses every core; in other
+    dtypes MLX's own kernel uses one, so the weight's rows are split over the lanes
+    (`split_rows`: bf16 decode 3.3 -> 5.3 tokens/s at the 450M shapes; splitting float32 gained
+    nothing). A bf16 weight with a float32 row is read as bf16 and multiplied in float32 where
+    the forwarder can (`bf16_matmul`).
+    """
+    if reads_bf16_weights(weight, x.dtype):
+        return bf16_matmul(weight, x)
+    vector = x.reshape(-1)
+    rows, cols = weight.shape
+    if weight.dtype == mx.float32:
+        out = weight @ vector
+    else:
+        out = split_rows(lambda r0, r1: weight[r0:r1] @ vector, rows, cols)
+    return out.reshape(*x.shape[:-1], rows)
+
+
+def quantized_matvec(layer, x: mx.array) -> mx.array:
+    """`x @ W.T` for a quantized layer's W (nn.QuantizedLinear or nn.QuantizedEmbedding) and an
+    input of one row, split over the lanes like `matvec` (MLX's quantized kernel uses one core:
+    4-bit decode 3.3 -> 5.7 tokens/s)."""
+
+    def multiply(r0: int, r1: int) -> mx.array:
+        biases = layer.get("biases")
+        return mx.quantized_matmul(
+            x,
+            layer["weight"][r0:r1],
+            scales=layer["scales"][r0:r1],
+            biases=biases[r0:r1] if biases is not None else None,
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+
+    return split_rows(multiply, layer["scales"].shape[0], x.shape[-1])
+
+
+def project(weight: mx.array, x: mx.array) -> mx.array:
+    """`x @ weight.T` by the path its shape and dtypes call for: `matvec` for one row, the
+    forwarder's bf16 product for bf16 weights kept under float32 compute (MLX would upcast the
+    whole weight at every call), else MLX's matmul."""
+    if x.size == x.shape[-1]:
+        return matvec(weight, x)
+    if reads_bf16_weights(weight, x.dtype):
+        return bf16_matmul(weight, x)
+    return x @ weight.T
