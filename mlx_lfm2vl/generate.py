@@ -17,6 +17,7 @@ call, so two models (or two generations, one after the other) never see each oth
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import threading
@@ -514,6 +515,12 @@ def _cli():
     # click is imported here so `import mlx_lfm2vl` does not pay for it.
     import click
 
+    def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        # click's FloatRange lets nan through (every comparison with it is false) and inf.
+        if value is not None and not math.isfinite(value):
+            raise click.BadParameter(f"{value} is not a finite number.")
+        return value
+
     @click.command(
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
     )
@@ -542,12 +549,14 @@ def _cli():
     @click.option(
         "--temperature",
         type=click.FloatRange(min=0),
+        callback=finite,
         default=None,
         help="Sampling temperature; 0 is greedy. Default: the checkpoint's, else 0.1.",
     )
     @click.option(
         "--top-p",
         type=click.FloatRange(0, 1, min_open=True),
+        callback=finite,
         default=None,
         help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
     )
@@ -560,12 +569,14 @@ def _cli():
     @click.option(
         "--min-p",
         type=click.FloatRange(0, 1),
+        callback=finite,
         default=None,
         help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
     )
     @click.option(
         "--repetition-penalty",
         type=click.FloatRange(min=0, min_open=True),
+        callback=finite,
         default=None,
         help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else 1.05.",
     )

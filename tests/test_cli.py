@@ -197,6 +197,24 @@ def test_cli_usage_errors_are_one_line(args):
     assert result.returncode == 2
 
 
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--temperature", "nan"],
+        ["--temperature", "inf"],
+        ["--repetition-penalty", "nan"],
+        ["--repetition-penalty", "inf"],
+        ["--min-p", "nan"],
+        ["--top-p", "nan"],
+    ],
+)
+def test_cli_rejects_non_finite_sampling_values(talking_checkpoint, flag):
+    # nan passed click's range checks and the library's comparisons: an empty answer, exit 0.
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", *flag)
+    assert_one_line_error(result, flag[0], "finite")
+    assert result.returncode == 2
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is for Linux's CPU backend")
 def test_cli_relaunches_itself_with_openblas_and_the_gemv_forwarder_when_none_is_loaded(
     talking_checkpoint, tmp_path

@@ -157,11 +157,25 @@ def test_sampling_frequencies_follow_the_warped_distribution():
         dict(temperature=1, top_p=1.5),
         dict(temperature=1, top_k=-2),
         dict(temperature=1, min_p=2),
+        # Not a number, or infinite: every range check must reject these too.
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(temperature=1, top_p=float("nan")),
+        dict(temperature=1, top_p=float("inf")),
+        dict(temperature=1, min_p=float("nan")),
+        dict(temperature=1, min_p=float("inf")),
+        dict(temperature=1, top_k=float("nan")),
     ],
 )
 def test_invalid_sampling_values_raise_the_user_error(bad):
     with pytest.raises(Lfm2VlError):
         make_sampler(**bad)
+
+
+@pytest.mark.parametrize("penalty", [0, -1, float("nan"), float("inf"), float("-inf")])
+def test_invalid_repetition_penalty_raises_the_user_error(penalty):
+    with pytest.raises(Lfm2VlError, match="repetition_penalty"):
+        make_logits_processors(penalty)
 
 
 def test_defaults_are_the_model_card_values_unless_generation_config_sets_them(tmp_path):
