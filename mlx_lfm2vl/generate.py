@@ -18,6 +18,7 @@ call, so two models (or two generations, one after the other) never see each oth
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import sys
 import threading
@@ -291,9 +292,18 @@ class _Part:
     spatial_shapes: mx.array | None = None
 
 
+def _check_seed(seed: int | None) -> None:
+    # mx.random.key takes an unsigned 64-bit seed; anything else is a bare TypeError there.
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise Lfm2VlError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
 def _key(seed: int | None) -> mx.array:
     # A key of our own, never MLX's global PRNG: two generations cannot disturb each other.
-    return mx.random.key(seed if seed is not None else random.SystemRandom().getrandbits(63))
+    _check_seed(seed)
+    return mx.random.key(int(seed) if seed is not None else random.SystemRandom().getrandbits(63))
 
 
 def _run(
@@ -454,6 +464,7 @@ def stream_generate(
     )
     settings.sampler()  # invalid values fail before any work
     settings.logits_processors()
+    _check_seed(seed)
     processed = processor.process(prompt, images, **image_options)
     part = _Part(processed.input_ids)
     if processed.images is not None:
@@ -597,7 +608,12 @@ def _cli():
         is_flag=True,
         help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
     )
-    @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+    @click.option(
+        "--seed",
+        type=click.IntRange(0, 2**64 - 1),
+        default=None,
+        help="Seed for reproducible sampling (0 to 2**64 - 1).",
+    )
     @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
     def cli(
         model: str,

@@ -215,6 +215,13 @@ def test_cli_rejects_non_finite_sampling_values(talking_checkpoint, flag):
     assert result.returncode == 2
 
 
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_cli_seed_outside_the_unsigned_64_bit_range_is_a_usage_error(talking_checkpoint, seed):
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", "--seed", seed)
+    assert_one_line_error(result, "--seed")
+    assert result.returncode == 2
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is for Linux's CPU backend")
 def test_cli_relaunches_itself_with_openblas_and_the_gemv_forwarder_when_none_is_loaded(
     talking_checkpoint, tmp_path

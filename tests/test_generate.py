@@ -189,6 +189,17 @@ def test_user_errors_raise_the_one_exception_type(checkpoint_450m):
         generate(model, processor, "Hi", max_tokens=0)
 
 
+@pytest.mark.parametrize("seed", [-5, 2**64, 1.5, "7"])
+def test_seed_outside_the_unsigned_64_bit_range_is_a_user_error(checkpoint_450m, seed):
+    # mx.random.key raised a bare TypeError for these.
+    model, processor = loaded(checkpoint_450m)
+    with pytest.raises(Lfm2VlError, match="seed"):
+        generate(model, processor, "Hi", max_tokens=2, seed=seed)
+    with pytest.raises(Lfm2VlError, match="seed"):
+        Chat(model, processor, max_tokens=2).ask("Hi", seed=seed)
+    assert generate(model, processor, "Hi", max_tokens=2, seed=2**64 - 1).tokens
+
+
 # --------------------------------------------------------------------------------------------
 # Text out, through the real loop with a scripted answer
 # --------------------------------------------------------------------------------------------
