@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ModelConfig
+from .config import MODEL_TYPES, ModelConfig
 from .errors import Lfm2VlError
 from .loading import _check_names, read_weights, resolve_model_path, sanitize
 from .models.lfm2_vl import Lfm2VlModel
@@ -306,6 +306,64 @@ def _set_dtype(raw: dict[str, Any], dtype_name: str) -> None:
                 section[key] = dtype_name
 
 
+def _safetensors_format(path: Path) -> str | None:
+    """The `format` a safetensors file's header metadata names ("mlx", "pt", ...), if any."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if size <= 100 << 20 else None
+    except (OSError, ValueError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata.get("format") if isinstance(metadata, dict) else None
+
+
+def _is_converted_folder(folder: Path) -> bool:
+    """Whether `folder` holds an LFM2-VL model in MLX layout: what this converter writes (and
+    what earlier versions of it wrote), so the only kind of folder `force` may replace."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        shards = list(folder.glob("*.safetensors"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") in MODEL_TYPES
+        and bool(shards)
+        and all(_safetensors_format(shard) == "mlx" for shard in shards)
+    )
+
+
+def _output_folder(mlx_path: str | Path, force: bool) -> Path:
+    """The absolute output folder, refused unless it is new, empty, or a converted model folder
+    that `force` allows replacing: --force must never delete anything else (a working folder,
+    a home folder, the source checkpoint...)."""
+    if not str(mlx_path).strip():
+        raise Lfm2VlError("the output path is empty: pass the folder to write, e.g. --mlx-path out")
+    # abspath, not Path.absolute: "." and ".." become the folder they name.
+    target = Path(os.path.abspath(Path(mlx_path).expanduser()))
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not target.is_dir():
+        raise Lfm2VlError(
+            f"{target} exists and is not a folder; it is never replaced, even with --force: "
+            "pick another --mlx-path"
+        )
+    try:
+        empty = not any(target.iterdir())
+    except OSError:
+        empty = False
+    if not empty and not _is_converted_folder(target):
+        raise Lfm2VlError(
+            f"{target} is not a model folder written by this converter (an LFM2-VL config.json "
+            "with MLX safetensors); it is never replaced, even with --force: pick a new or "
+            "empty folder"
+        )
+    if not force:
+        raise Lfm2VlError(f"{target} already exists; pass --force to replace it")
+    return target
+
+
 def _replace_folder(tmp: Path, target: Path) -> None:
     """Move a finished `tmp` into place; an existing `target` goes only once `tmp` is in place."""
     if not target.exists():
@@ -362,10 +420,8 @@ def convert(
     elif q_recipe is not None or q_bits is not None:
         raise Lfm2VlError("--q-bits/--q-recipe quantize the model: add -q (--quantize)")
 
+    target = _output_folder(mlx_path, force)
     source = resolve_model_path(hf_path)
-    target = Path(mlx_path).expanduser().absolute()
-    if target.exists() and not force:
-        raise Lfm2VlError(f"{target} already exists; pass --force to replace it")
     # Replacing (with --force) a folder that holds the source, or sits inside it, would delete
     # the weights being read.
     src, dst = source.resolve(), target.resolve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,18 +264,60 @@ def test_failure_leaves_no_output_and_no_temporary_folder(checkpoint_450m, tmp_p
 
 def test_existing_output_needs_force_and_survives_a_failed_replacement(checkpoint_450m, tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "mine.txt").write_text("keep me")
+    convert(checkpoint_450m, target, quantize=True)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(Lfm2VlError, match="--force"):
         convert(checkpoint_450m, target)
     with pytest.raises(Injected):
         convert(checkpoint_450m, target, force=True, progress=fail_while_writing)
-    assert listing(tmp_path) == {"out"} and listing(target) == {"mine.txt"}
+    assert listing(tmp_path) == {"out"}
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
-    result = convert(checkpoint_450m, target, force=True)
-    assert "mine.txt" not in listing(target) and "model.safetensors" in listing(target)
+    result = convert(checkpoint_450m, target, force=True)  # float now: the files change
+    assert "quantization" not in json.loads((target / "config.json").read_text())
     assert listing(tmp_path) == {"out"}
     assert isinstance(result, ConversionResult)
+
+
+def test_force_replaces_an_empty_folder(checkpoint_450m, tmp_path):
+    (tmp_path / "out").mkdir()
+    convert(checkpoint_450m, tmp_path / "out", force=True)
+    assert "model.safetensors" in listing(tmp_path / "out")
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_converted_model(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    # The report: `--mlx-path . --force` wiped the working folder.
+    monkeypatch.chdir(work)
+    for path in (".", work, tmp_path / "work" / ".." / "work"):
+        with pytest.raises(Lfm2VlError, match="not a model folder written by this converter"):
+            convert(checkpoint_450m, path, force=True)
+    assert listing(work) == {"notes.txt"} and listing(tmp_path) == {"work"}
+    # A published (PyTorch-format) checkpoint is not this converter's output either.
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(checkpoint_450m, hf_copy)
+    with pytest.raises(Lfm2VlError, match="not a model folder written by this converter"):
+        convert(checkpoint_450m, hf_copy, force=True)
+    assert listing(hf_copy) == listing(checkpoint_450m)
+
+
+def test_force_never_replaces_a_file_and_an_empty_path_is_an_error(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    file = tmp_path / "model.bin"
+    file.write_bytes(b"data")
+    with pytest.raises(Lfm2VlError, match="not a folder"):
+        convert(checkpoint_450m, file, force=True)
+    assert file.read_bytes() == b"data"
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):  # an unset shell variable
+        with pytest.raises(Lfm2VlError, match="output path is empty"):
+            convert(checkpoint_450m, empty, force=True)
+    assert listing(tmp_path) == {"model.bin"}
 
 
 def test_output_inside_the_source_is_refused(checkpoint_450m):
