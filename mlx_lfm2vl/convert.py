@@ -21,8 +21,10 @@ listed as `false`, so the file says exactly which layers are what:
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -72,6 +74,8 @@ _NEVER_QUANTIZED = (
 # Files of a checkpoint folder that are weights (rewritten, never copied) or rewritten here.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _REWRITTEN = ("config.json", "model.safetensors.index.json")
+# Suffix of the hidden folder a conversion writes into, beside the output, before renaming it.
+_PARTIAL = ".partial"
 
 Progress = Callable[[str, int, int], None]
 """A progress callback: (stage, done, total), stage one of "load", "quantize", "write"."""
@@ -364,6 +368,55 @@ def _output_folder(mlx_path: str | Path, force: bool) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_partial(target: Path) -> tuple[Path, int]:
+    """A new hidden folder beside `target` to write into, and the descriptor of the lock that
+    marks it as in use (an exclusive flock on the folder itself, released when the descriptor
+    is closed or the process dies, whatever kills it)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_PARTIAL, dir=target.parent))
+    except OSError as e:
+        raise Lfm2VlError(
+            f"cannot create the output in {target.parent} ({e.strerror or e}): pick a "
+            "writable --mlx-path"
+        ) from None
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # mkdtemp makes the folder private (0700); the model folder gets the modes of any new folder.
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp, lock
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the partial folders of earlier conversions to `target` that no process holds."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+{re.escape(_PARTIAL)}")
+    try:
+        entries = [e for e in target.parent.iterdir() if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            lock = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running conversion writes there
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
 def _replace_folder(tmp: Path, target: Path) -> None:
     """Move a finished `tmp` into place; an existing `target` goes only once `tmp` is in place."""
     if not target.exists():
@@ -400,7 +453,10 @@ def convert(
 
     The output is written to a hidden temporary folder beside `mlx_path` and renamed into place
     when complete, so an interrupted or failed conversion leaves nothing behind (and an existing
-    folder replaced with `force` stays intact until then). Without `quantize`, `q_*` must be unset.
+    folder replaced with `force` stays intact until then); such folders of killed conversions to
+    the same output are removed by the next one. `force` replaces only an empty folder or one
+    that holds an MLX-format LFM2-VL model; anything else is refused. Without `quantize`, `q_*`
+    must be unset.
     `q_bits` selects the default recipe (`DEFAULT_RECIPE`); `q_recipe` names one explicitly.
     """
     start = time.perf_counter()
@@ -434,33 +490,37 @@ def convert(
         raise Lfm2VlError(
             f"{source} is already quantized; convert from the original (float) checkpoint"
         )
-    if progress is not None:
-        progress("load", 0, 1)
-    model = Lfm2VlModel(config)
-    weights = sanitize(read_weights(source), config)
-    # Float weights go straight to the output dtype; quantized layers are recomputed from a
-    # float32 copy of the source weights in quantize_model (exact for bf16/fp16 sources).
-    _check_names(model, weights, source)  # a clear error for a config/weights mismatch
-    model.load_weights(list(weights.items()), strict=True)
-    params = parameter_count(model)
-    if progress is not None:
-        progress("load", 1, 1)
 
-    section = None
-    if recipe is not None:
-        plan = quantization_plan(model, recipe, q_group_size, q_mode)
-        section = quantization_section(plan, recipe)
-        quantize_model(model, plan, out_dtype, progress)
-        raw["quantization"] = section
-    _set_dtype(raw, dtype)
-    out_weights = {
-        name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-        for name, value in tree_flatten(model.parameters())
-    }
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # The output's folder is created now, not after loading and quantizing the whole model:
+    # a location that cannot be written fails at once. Partial folders left by killed runs
+    # (SIGTERM without the CLI's handler, SIGKILL, power loss) are removed first.
+    _remove_stale_partials(target)
+    tmp, lock = _new_partial(target)
     try:
+        if progress is not None:
+            progress("load", 0, 1)
+        model = Lfm2VlModel(config)
+        weights = sanitize(read_weights(source), config)
+        # Float weights go straight to the output dtype; quantized layers are recomputed from a
+        # float32 copy of the source weights in quantize_model (exact for bf16/fp16 sources).
+        _check_names(model, weights, source)  # a clear error for a config/weights mismatch
+        model.load_weights(list(weights.items()), strict=True)
+        params = parameter_count(model)
+        if progress is not None:
+            progress("load", 1, 1)
+
+        section = None
+        if recipe is not None:
+            plan = quantization_plan(model, recipe, q_group_size, q_mode)
+            section = quantization_section(plan, recipe)
+            quantize_model(model, plan, out_dtype, progress)
+            raw["quantization"] = section
+        _set_dtype(raw, dtype)
+        out_weights = {
+            name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+            for name, value in tree_flatten(model.parameters())
+        }
+
         _write_shards(out_weights, tmp, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for file in _source_files(source):
@@ -469,6 +529,8 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
     return ConversionResult(target, size, params, time.perf_counter() - start, section)
 

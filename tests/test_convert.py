@@ -320,6 +320,53 @@ def test_force_never_replaces_a_file_and_an_empty_path_is_an_error(
     assert listing(tmp_path) == {"model.bin"}
 
 
+def test_unwritable_output_fails_before_the_model_is_loaded(checkpoint_450m, tmp_path):
+    stages = []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = [blocker / "out"]
+    if sys.platform == "linux":
+        unwritable.append(Path("/proc/x7"))  # the report's example; root cannot write there either
+    for target in unwritable:
+        with pytest.raises(Lfm2VlError, match="writable --mlx-path"):
+            convert(checkpoint_450m, target, progress=lambda *a: stages.append(a))
+    assert stages == []  # not even the "load" stage started
+    assert listing(tmp_path) == {"a-file"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_output_folder_modes_follow_the_umask(checkpoint_450m, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        result = convert(checkpoint_450m, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert result.path.stat().st_mode & 0o777 == 0o777 & ~umask  # was 0700 (mkdtemp's)
+    assert (result.path / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_partial_folders_are_removed_unless_a_live_process_holds_them(
+    checkpoint_450m, tmp_path
+):
+    import fcntl
+
+    stale = tmp_path / ".out.dead1234.partial"
+    held = tmp_path / ".out.live5678.partial"
+    other = tmp_path / ".other.dead1234.partial"  # another output's: not ours to judge
+    for folder in (stale, held, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    lock = os.open(held, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a running conversion holds its folder
+    try:
+        convert(checkpoint_450m, tmp_path / "out")
+        assert listing(tmp_path) == {"out", held.name, other.name}
+    finally:
+        os.close(lock)
+    convert(checkpoint_450m, tmp_path / "out", force=True)  # nobody holds it now
+    assert listing(tmp_path) == {"out", other.name}
+
+
 def test_output_inside_the_source_is_refused(checkpoint_450m):
     with pytest.raises(Lfm2VlError, match="overlaps"):
         convert(checkpoint_450m, checkpoint_450m / "mlx", quantize=True)
