@@ -20,16 +20,19 @@ listed as `false`, so the file says exactly which layers are what:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -548,11 +551,51 @@ def _cli_progress(stage: str, done: int, total: int) -> None:
         print(f"{stage}: {done}/{total}", file=sys.stderr)
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the CLI is, so the partial output is cleaned up on the
+    way out (a BaseException: no `except Exception` on the way may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the conversion like Ctrl-C does, through its clean-up, instead
+    of killing the process on the spot and leaving the partial output behind."""
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def terminate(signum: int, frame: Any) -> None:
+        for sig in signals:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers
+        return
+    previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The command line (`python -m mlx_lfm2vl.convert`, top-level `convert.py`)."""
+    """The command line (`python -m mlx_lfm2vl.convert`, top-level `convert.py`).
+
+    Exits (SystemExit) with 0, 1 for a user error, 2 for a usage error, 130 on Ctrl-C and
+    128 + the signal number on SIGTERM/SIGHUP; errors are one line on stderr.
+    """
     import click
 
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    from . import __version__
+
+    @click.command(
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    )
+    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
     @click.option("--hf-path", required=True, help="Hub id or local folder of the checkpoint.")
     @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output folder.")
     @click.option(
@@ -580,9 +623,25 @@ def main(argv: list[str] | None = None) -> None:
     @click.option(
         "--q-recipe", type=click.Choice(list(RECIPES)), default=None, help="Bits per model part."
     )
-    @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Replace an existing output folder that holds a converted model (or is empty); "
+        "other folders and files are never replaced.",
+    )
     def command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, force):
-        try:
+        """Convert a Hugging Face LFM2-VL checkpoint to an MLX model folder, float or quantized.
+
+        The folder holds MLX-layout safetensors, config.json and the checkpoint's tokenizer and
+        processor files: pass it to `python -m mlx_lfm2vl.generate --model`. It is written
+        beside the output under a hidden name and renamed into place when complete.
+
+        \b
+        Examples:
+          python -m mlx_lfm2vl.convert --hf-path LiquidAI/LFM2-VL-450M --mlx-path lfm2-vl-450m
+          python -m mlx_lfm2vl.convert --hf-path LiquidAI/LFM2-VL-1.6B --mlx-path vl-1.6b-4bit -q
+        """
+        with _cleanup_on_termination():
             result = convert(
                 hf_path,
                 mlx_path,
@@ -595,17 +654,30 @@ def main(argv: list[str] | None = None) -> None:
                 force=force,
                 progress=_cli_progress,
             )
-        except Lfm2VlError as e:
-            # One line on stderr, worded like the generate CLI's.
-            click.echo(f"error: {e}", err=True)
-            raise SystemExit(1) from None
         what = f"recipe {result.quantization['recipe']}" if result.quantization else dtype
         click.echo(
             f"wrote {result.path} ({what}): {result.bytes_on_disk / 1e6:.1f} MB, "
             f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s"
         )
 
-    command.main(args=argv, prog_name="python -m mlx_lfm2vl.convert")
+    # Worded and numbered like the generate CLI's exits.
+    code = 0
+    try:
+        command.main(args=argv, prog_name="python -m mlx_lfm2vl.convert", standalone_mode=False)
+    except Lfm2VlError as e:
+        click.echo(f"error: {e}", err=True)
+        code = 1
+    except click.exceptions.Abort:  # Ctrl-C; the partial output was removed on the way out
+        click.echo("aborted", err=True)
+        code = 130
+    except _Terminated as e:
+        name = signal.Signals(e.signum).name
+        click.echo(f"error: stopped by {name}; the partial output was removed", err=True)
+        code = 128 + e.signum
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        code = e.exit_code
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

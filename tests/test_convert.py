@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -395,6 +396,127 @@ def test_cli_converts_and_reports_errors_in_one_line(checkpoint_450m, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--force" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--hf-path", "x", "--q-bits", "3"],
+        [],  # no --hf-path
+        ["--hf-path", "x", "--frobnicate"],
+    ],
+)
+def test_cli_usage_errors_are_one_line_like_generate(args, capsys):
+    code, out, err = run_main(args, capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and err.strip().endswith("(see --help)")
+
+
+def test_cli_output_errors_are_one_line_before_loading(checkpoint_450m, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for mlx_path in ("", str(blocker / "out"), str(blocker)):
+        code, out, err = run_main(
+            ["--hf-path", str(checkpoint_450m), "--mlx-path", mlx_path], capsys
+        )
+        assert code == 1 and out == ""
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert "loading the checkpoint" not in err
+
+
+def test_cli_help_describes_the_command_and_version_is_the_package_version(capsys):
+    import mlx_lfm2vl
+
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    assert "Convert a Hugging Face LFM2-VL checkpoint to an MLX model folder" in out
+    assert "--version" in out
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip().endswith(f"version {mlx_lfm2vl.__version__}")
+    assert mlx_lfm2vl.__version__ != "0.0.0+unknown"  # the tests run on an installed package
+
+
+# A conversion through the real CLI (`main`) that stops once its first shard is written, so a
+# signal lands while the partial output is on disk; "writing" on stdout says it got there.
+BLOCKED_CLI = """
+import sys, time
+import mlx_lfm2vl.convert as convert
+
+def progress(stage, done, total):
+    if stage == "write":
+        print("writing", flush=True)
+        time.sleep(120)
+
+convert._cli_progress = progress
+convert.main(sys.argv[1:])
+"""
+
+
+def start_blocked_conversion(source: Path, target: Path, *flags: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_CLI, "--hf-path", str(source), "--mlx-path", str(target)]
+        + list(flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert process.stdout.readline() == "writing\n", process.stderr.read()
+    return process
+
+
+def partial_folders(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".out.*.partial"))
+
+
+@pytest.mark.parametrize(
+    "signum, code, message",
+    [
+        (signal.SIGTERM, 143, "error: stopped by SIGTERM; the partial output was removed"),
+        (signal.SIGHUP, 129, "error: stopped by SIGHUP; the partial output was removed"),
+        (signal.SIGINT, 130, "aborted"),  # Ctrl-C, as the generate CLI words it
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGINT"],
+)
+def test_cli_stopped_by_a_signal_removes_its_partial_output(
+    checkpoint_450m, tmp_path, signum, code, message
+):
+    process = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    [partial] = partial_folders(tmp_path)
+    assert (partial / "model.safetensors").exists()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code
+    assert err.strip() == message and "Traceback" not in err
+    assert listing(tmp_path) == set()
+
+
+def test_partial_output_of_a_killed_conversion_is_removed_by_the_next_one(
+    checkpoint_450m, tmp_path
+):
+    killed = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    killed.kill()  # SIGKILL: no clean-up can run
+    killed.communicate(timeout=60)
+    [stale] = partial_folders(tmp_path)
+    running = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    [live] = [p for p in partial_folders(tmp_path) if p != stale]
+    assert not stale.exists()  # removed by the second conversion as it started
+
+    convert(checkpoint_450m, tmp_path / "out")  # a third one, while the second still runs
+    assert partial_folders(tmp_path) == [live]  # its owner is alive: left alone
+    running.send_signal(signal.SIGTERM)
+    running.communicate(timeout=60)
+    assert running.returncode == 143
+    assert listing(tmp_path) == {"out"}
+    assert "model.safetensors" in listing(tmp_path / "out")
 
 
 def test_top_level_entry_point_runs_the_same_cli():
