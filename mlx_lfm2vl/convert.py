@@ -50,8 +50,8 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 # Bits per component; None keeps the component in the output float dtype. Components: the tied
 # embedding / LM head ("embedding"), the LFM2 backbone's linear layers ("lm"), the SigLIP2 encoder's
-# linear layers ("vision"), the projector MLP ("projector"). The numbers behind the choices are in
-# docs/quantization.md and tests/test_quantization_accuracy.py.
+# linear layers ("vision"), the projector MLP ("projector"). The numbers behind the choices are
+# measured by tests/test_quantization_accuracy.py.
 RECIPES: dict[str, dict[str, int | None]] = {
     "uniform-8": {"embedding": 8, "lm": 8, "vision": 8, "projector": 8},
     "uniform-4": {"embedding": 4, "lm": 4, "vision": 4, "projector": 4},
