@@ -175,6 +175,14 @@ def test_cli_bad_model_path_is_one_line_error(tmp_path):
     assert_one_line_error(empty)
 
 
+def test_cli_damaged_shard_index_is_one_line_error(talking_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(talking_checkpoint, folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')  # no weight_map
+    result = run_cli("--model", str(folder), "--prompt", "Hi")
+    assert_one_line_error(result, "model.safetensors.index.json")
+
+
 def test_cli_hub_id_unavailable_offline_says_how_to_pass_a_folder(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_cli("--prompt", "Hi", env=env)  # the default model, not in an empty cache

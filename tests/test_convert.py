@@ -368,6 +368,22 @@ def test_stale_partial_folders_are_removed_unless_a_live_process_holds_them(
     assert listing(tmp_path) == {"out", other.name}
 
 
+def test_damaged_shard_index_of_the_source_is_a_clear_error(checkpoint_450m, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(checkpoint_450m, source)
+    (source / "model.safetensors.index.json").write_text("{not json")
+    code, out, err = run_main(
+        ["--hf-path", str(source), "--mlx-path", str(tmp_path / "out")], capsys
+    )
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "loading the checkpoint...",
+        err.splitlines()[-1],  # one line for the error, no traceback
+    ]
+    assert err.splitlines()[-1].startswith("error: ") and "index.json is damaged" in err
+    assert listing(tmp_path) == {"source"}
+
+
 def test_output_inside_the_source_is_refused(checkpoint_450m):
     with pytest.raises(Lfm2VlError, match="overlaps"):
         convert(checkpoint_450m, checkpoint_450m / "mlx", quantize=True)
