@@ -446,12 +446,16 @@ def stream_generate(
     """Generate an answer to `prompt` (a string, or chat messages) about `images`, streamed.
 
     Yields one `GenerationChunk` per sampled token; the last one has `finish_reason` set.
-    Sampling options left as None take the checkpoint's defaults (`checkpoint_sampling`);
-    `temperature=0` is greedy. `stop` strings end the answer and are not part of it.
-    `image_options` go to the processor (`min_image_tokens`, `max_image_tokens`,
-    `do_image_splitting`, ...). Cancel by leaving the loop (closing the generator) or with
-    `should_stop`, a callable or `threading.Event` checked after every token and between
-    prefill chunks. Raises `Lfm2VlError` for user errors (bad image, bad option, ...).
+    Sampling options left as None take the checkpoint's defaults (`checkpoint_sampling`).
+    `temperature=0` is greedy decoding as the reference's `do_sample=False`: the most likely
+    token, with a repetition penalty only if `repetition_penalty` is passed or the checkpoint's
+    generation_config.json sets one (the model cards' 1.05 goes with sampling). `stop` strings
+    end the answer and are not part of it. `image_options` go to the processor
+    (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`, ...; what they do, and why a
+    lower `max_image_tokens` can give more tokens, is in `ImageProcessorSettings`). Cancel by
+    leaving the loop (closing the generator) or with `should_stop`, a callable or
+    `threading.Event` checked after every token and between prefill chunks. Raises
+    `Lfm2VlError` for user errors (bad image, bad option, ...).
     """
     start_time = time.perf_counter()
     settings = checkpoint_sampling(processor).override(
@@ -562,7 +566,9 @@ def _cli():
         type=click.FloatRange(min=0),
         callback=finite,
         default=None,
-        help="Sampling temperature; 0 is greedy. Default: the checkpoint's, else 0.1.",
+        help="Sampling temperature. 0 is greedy decoding: the most likely token, with no "
+        "repetition penalty unless --repetition-penalty (or the checkpoint) sets one. "
+        "Default: the checkpoint's, else 0.1.",
     )
     @click.option(
         "--top-p",
@@ -589,19 +595,27 @@ def _cli():
         type=click.FloatRange(min=0, min_open=True),
         callback=finite,
         default=None,
-        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else 1.05.",
+        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else "
+        "1.05 when sampling and none when greedy (--temperature 0).",
     )
     @click.option(
         "--min-image-tokens",
         type=click.IntRange(min=1),
         default=None,
-        help="Fewest image tokens per image view. Default: the checkpoint's processor config.",
+        help="Fewest image tokens of a single view or thumbnail (smaller images are upscaled). "
+        "Default: the checkpoint's processor config.",
     )
     @click.option(
         "--max-image-tokens",
         type=click.IntRange(min=1),
         default=None,
-        help="Most image tokens per image view. Default: the checkpoint's processor config.",
+        help="Token budget of an image encoded as one view (and of a tiled image's thumbnail). "
+        "With splitting on, it also sets when an image is tiled: above N x 1024 x the "
+        "checkpoint's max_pixels_tolerance (1.5 or 2) pixels it becomes 512x512 tiles of 256 "
+        "tokens each plus the thumbnail, so a LOWER value can give MORE tokens (an 800x600 "
+        "photo: 1590 tokens at 64, 234 at 256). As in the reference, each side of a view keeps "
+        "at least 32 pixels, so a very thin image exceeds it (1x10000: one view of 1600 tokens "
+        "at 256). Default: the checkpoint's processor config.",
     )
     @click.option(
         "--no-image-splitting",

@@ -65,6 +65,15 @@ class ImageProcessorSettings:
 
     Checkpoints override them through their processor files (see `from_pretrained`). `resample`
     follows PIL's numbering as the reference does: 2 = bilinear, 3 = bicubic.
+
+    The token budgets work as the reference's, which surprises: `min_image_tokens` and
+    `max_image_tokens` bound the tokens of an image encoded as one view and of a tiled image's
+    thumbnail. With `do_image_splitting`, `max_image_tokens` also decides tiling: an image
+    whose pixels (rounded to multiples of 32) exceed `max_image_tokens x 1024 x
+    max_pixels_tolerance` becomes `tile_size` tiles of a fixed 256 tokens each (at 512 pixels)
+    plus the thumbnail, so lowering `max_image_tokens` can raise the total (800x600: 234 tokens
+    at 256, 1590 at 64). And a view keeps at least 32 pixels a side, so a very thin image
+    exceeds the budget (1x10000: one view of 1600 tokens against 256).
     """
 
     min_image_tokens: int = 64

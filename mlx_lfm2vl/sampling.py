@@ -154,19 +154,28 @@ def make_logits_processors(
     return [penalize]
 
 
+# The model cards' repetition penalty, recommended with their sampling settings.
+_CARD_REPETITION_PENALTY = 1.05
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """One place for the sampling defaults.
 
     The LFM2-VL model cards recommend temperature 0.1, min_p 0.15 and repetition_penalty 1.05;
     a checkpoint's generation_config.json overrides any of them it sets (`from_folder`).
+
+    Temperature 0 is greedy decoding as the reference's `do_sample=False`: the argmax, with a
+    repetition penalty only when one is set (by the caller or the checkpoint's
+    generation_config.json). The model cards' 1.05 goes with their sampling settings, so
+    `repetition_penalty=None` means 1.05 when sampling and no penalty when greedy.
     """
 
     temperature: float = 0.1
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.15
-    repetition_penalty: float = 1.05
+    repetition_penalty: float | None = None
     repetition_context_size: int | None = None
 
     @classmethod
@@ -198,7 +207,10 @@ class SamplingSettings:
         return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
 
     def logits_processors(self) -> list[LogitsProcessor]:
-        return make_logits_processors(self.repetition_penalty, self.repetition_context_size)
+        penalty = self.repetition_penalty
+        if penalty is None:  # the model cards' value goes with sampling, not with greedy
+            penalty = _CARD_REPETITION_PENALTY if self.temperature != 0 else 1.0
+        return make_logits_processors(penalty, self.repetition_context_size)
 
 
 def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:

@@ -116,6 +116,19 @@ def test_cli_sampling_and_image_flags_reach_the_api(talking_checkpoint, image_fi
     assert expected.stats.image_tokens <= 32
 
 
+def test_cli_temperature_0_is_plain_greedy_unless_a_penalty_is_passed(talking_checkpoint):
+    args = ["--model", str(talking_checkpoint), "--prompt", "Hi", "--max-tokens", "16"]
+    args += ["--temperature", "0"]
+    greedy = run_cli(*args)
+    penalized = run_cli(*args, "--repetition-penalty", "1.05")
+    model, processor = load(talking_checkpoint)
+    plain = generate(model, processor, "Hi", max_tokens=16, temperature=0, repetition_penalty=1)
+    card = generate(model, processor, "Hi", max_tokens=16, temperature=0, repetition_penalty=1.05)
+    assert plain.text != card.text  # the model cards' penalty changes this answer
+    assert (greedy.returncode, greedy.stdout) == (0, plain.text + "\n")
+    assert (penalized.returncode, penalized.stdout) == (0, card.text + "\n")
+
+
 def test_cli_run_path_imports_neither_torch_nor_transformers(talking_checkpoint):
     code = (
         "import sys; from mlx_lfm2vl.generate import main; "

@@ -250,6 +250,15 @@ def test_lower_max_image_tokens_also_lowers_tiling_threshold():
     assert (low.image_rows, low.image_cols, low.views_per_image) == ([2], [3], [7])
 
 
+def test_token_budget_examples_in_the_cli_help_hold():
+    # The numbers `--max-image-tokens --help` and ImageProcessorSettings quote.
+    port = ImageProcessor()
+    assert sum(port.num_image_tokens(600, 800)) == 234
+    assert sum(port.num_image_tokens(600, 800, max_image_tokens=64)) == 1590
+    assert port.num_image_tokens(1, 10000) == [1600]  # one view, over the 256 budget
+    compare(make_image(1, 10000, seed=2), CONFIGS["450M"])  # as the reference does
+
+
 # ---------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------
