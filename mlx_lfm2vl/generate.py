@@ -536,9 +536,12 @@ def _cli():
             raise click.BadParameter(f"{value} is not a finite number.")
         return value
 
+    from . import __version__
+
     @click.command(
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
     )
+    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
     @click.option(
         "--model",
         default=DEFAULT_MODEL,
@@ -550,9 +553,15 @@ def _cli():
         "images",
         multiple=True,
         metavar="PATH_OR_URL",
-        help="Image file or http(s) URL; repeat for several images (they go before the prompt).",
+        help="Image file or http(s) URL; repeat for several images (they go before the prompt, "
+        "or at its <image> markers).",
     )
-    @click.option("--prompt", required=True, help="The question or instruction.")
+    @click.option(
+        "--prompt",
+        required=True,
+        help="The question or instruction. Each <image> in it marks where the next --image goes "
+        "(then one marker per --image); without markers the images go before it.",
+    )
     @click.option("--system", default=None, help="Optional system message.")
     @click.option(
         "--max-tokens",
@@ -655,12 +664,25 @@ def _cli():
         from pathlib import Path
 
         from . import load
+        from .config import ModelConfig
         from .loading import resolve_model_path
 
-        # Fail on a missing image before the (slow) model load.
+        # Fail on a missing image, or text the shell passed in another encoding than UTF-8
+        # (Python keeps its bytes as lone surrogates), before the (slow) model load.
         for image in images:
-            if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+            if image.startswith(("http://", "https://")):
+                continue
+            if Path(image).is_dir():
+                raise Lfm2VlError(f"image {image!r} is a folder: pass an image file or a URL")
+            if not Path(image).is_file():
                 raise Lfm2VlError(f"image {image!r} not found: pass an existing file or a URL")
+        for flag, text in (("--prompt", prompt), ("--system", system or "")):
+            bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:
+                raise Lfm2VlError(
+                    f"{flag} is not UTF-8 text (byte 0x{ord(text[bad]) - 0xDC00:02x} at "
+                    f"character {bad}): pass it in UTF-8 (a UTF-8 terminal, script or file)"
+                )
         folder = resolve_model_path(model)
         mx.reset_peak_memory()
         with warnings.catch_warnings(record=True) as caught:
@@ -670,7 +692,9 @@ def _cli():
             click.echo(f"warning: {warning.message}", err=True)
         settings = SamplingSettings.from_folder(folder)
 
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        # `<image>` markers typed in the prompt place the images; without any, they go first.
+        content = [] if processor.image_token in prompt else [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
@@ -714,6 +738,13 @@ def _cli():
             lines = [f"model: {folder} (compute dtype {dtype}{weights}, device {device})"]
             if device == "cpu":
                 lines.append(f"BLAS: {blas_in_use()}")
+            quantization = ModelConfig.from_file(folder / "config.json").quantization
+            if quantization:
+                recipe = quantization.get("recipe")
+                stored = f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}"
+                lines.append(f"weights: {stored}" + (f", recipe {recipe}" if recipe else ""))
+            else:
+                lines.append("weights: not quantized")
             lines += _format_stats(chunk.stats, chunk.finish_reason)
             click.echo("\n".join(lines), err=True)
 

@@ -302,6 +302,8 @@ def _read_file(path: str | bytes) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise Lfm2VlError(f"Image file not found: {path!r}. Check the path.") from e
+    except IsADirectoryError as e:
+        raise Lfm2VlError(f"Image path {path!r} is a folder. Pass an image file.") from e
     except OSError as e:
         raise Lfm2VlError(f"Cannot read image file {path!r}: {e}.") from e
 

@@ -181,6 +181,56 @@ def test_cli_unreadable_image_is_one_line_error(talking_checkpoint, tmp_path):
     assert_one_line_error(result, "broken.png")
 
 
+def test_cli_folder_as_image_is_reported_as_a_folder(talking_checkpoint, tmp_path):
+    result = run_cli("--model", str(talking_checkpoint), "--image", str(tmp_path), "--prompt", "Hi")
+    assert_one_line_error(result, str(tmp_path), "is a folder")
+    assert "not found" not in result.stderr
+
+
+def test_cli_prompt_that_is_not_utf8_is_one_line_error(talking_checkpoint):
+    # What Python makes of `--prompt "$(printf 'caf\xe9 \xff')"` (Latin-1 bytes): lone
+    # surrogates, which it turns back into the same bytes on the way to the subprocess.
+    prompt = "caf\udce9 \udcff"
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", prompt)
+    assert_one_line_error(result, "--prompt is not UTF-8", "byte 0xe9 at character 3")
+    system = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", "--system", prompt)
+    assert_one_line_error(system, "--system is not UTF-8")
+
+
+def test_cli_image_markers_in_the_prompt_place_the_images(talking_checkpoint, image_file):
+    prompt = "Look at <image> and say what it shows."
+    args = ["--model", str(talking_checkpoint), "--image", str(image_file), "--prompt", prompt]
+    result = run_cli(*args, "--max-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    model, processor = load(talking_checkpoint)
+    expected = generate(model, processor, prompt, [str(image_file)], max_tokens=8, temperature=0)
+    assert result.stdout == expected.text + "\n"
+    # One marker per image: two markers for one image is an error, not a third placement.
+    two = run_cli(*args[:-1], "Compare <image> with <image>.")
+    assert_one_line_error(two, "2 <image> marker(s) but 1 image(s)")
+
+
+def test_cli_version_is_the_package_version():
+    import mlx_lfm2vl
+
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip().endswith(f"version {mlx_lfm2vl.__version__}")
+
+
+def test_cli_verbose_says_whether_the_weights_are_quantized(talking_checkpoint, tmp_path):
+    from mlx_lfm2vl.convert import convert
+
+    quantized = convert(talking_checkpoint, tmp_path / "q4", quantize=True).path
+    for folder, line in (
+        (talking_checkpoint, "weights: not quantized"),
+        (quantized, "weights: 4-bit affine, recipe mixed-4"),
+    ):
+        result = run_cli("--model", str(folder), "--prompt", "Hi", "--max-tokens", "2", "--verbose")
+        assert result.returncode == 0, result.stderr
+        assert line in result.stderr.splitlines()
+
+
 def test_cli_bad_model_path_is_one_line_error(tmp_path):
     result = run_cli("--model", str(tmp_path / "no-such-model"), "--prompt", "Hi")
     assert_one_line_error(result, "no-such-model")

@@ -659,6 +659,11 @@ def test_file_that_is_not_an_image_raises_clear_error(tmp_path):
     assert "BytesIO" not in str(error.value)
 
 
+def test_folder_passed_as_an_image_is_reported_as_a_folder(tmp_path):
+    with pytest.raises(Lfm2VlError, match="is a folder"):
+        load_image(str(tmp_path))
+
+
 def test_zero_byte_file_is_reported_as_empty(tmp_path):
     path = tmp_path / "photo.png"
     path.write_bytes(b"")
