@@ -293,6 +293,67 @@ def test_cli_seed_outside_the_unsigned_64_bit_range_is_a_usage_error(talking_che
     assert result.returncode == 2
 
 
+# --------------------------------------------------------------------------------------------
+# The examples
+# --------------------------------------------------------------------------------------------
+
+
+def run_example(name: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    repo = Path(__file__).parents[1]
+    return subprocess.run(
+        [sys.executable, str(repo / "examples" / name), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+    )
+
+
+def test_chat_example_survives_a_bad_image_and_a_failed_turn(talking_checkpoint, image_file):
+    from mlx_lfm2vl import Chat
+
+    folder = talking_checkpoint.parent / "greedy"  # greedy: the replies can be compared
+    if not folder.exists():
+        shutil.copytree(talking_checkpoint, folder)
+        (folder / "generation_config.json").write_text('{"eos_token_id": 7, "do_sample": false}')
+    session = [
+        "Hi",
+        "/image /no/such/picture.png",  # refused at once: not attached
+        "How are you?",
+        f"/image {image_file}",
+        "Compare <image> with <image>.",  # two markers, one image: the turn fails
+        "Thanks",
+    ]
+    result = run_example(
+        "chat.py", "--model", str(folder), "--max-tokens", "6", stdin="\n".join(session) + "\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    replies = [
+        None if part.startswith("\nerror: ") else part.split("\n[", 1)[0]
+        for part in result.stdout.split("model> ")[1:]
+    ]
+    model, processor = load(folder)
+    chat = Chat(model, processor, max_tokens=6)
+    expected = [chat.ask(text).text for text in ("Hi", "How are you?")]
+    expected += [None, chat.ask("Thanks").text]  # the failed turn left no trace
+    assert replies == expected
+    assert "picture.png" in result.stdout and "(image not attached)" in result.stdout
+    assert "dropped the 1 attached image(s)" in result.stdout
+
+
+def test_batch_caption_example_with_a_missing_folder_is_one_line_error(tmp_path):
+    result = run_example("batch_caption.py", str(tmp_path / "photos"), str(tmp_path / "out.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot list {tmp_path / 'photos'} (No such file or directory): pass a folder "
+        "of images"
+    ]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is for Linux's CPU backend")
 def test_cli_relaunches_itself_with_openblas_and_the_gemv_forwarder_when_none_is_loaded(
     talking_checkpoint, tmp_path
