@@ -390,7 +390,10 @@ def _new_partial(target: Path) -> tuple[Path, int]:
             "writable --mlx-path"
         ) from None
     lock = os.open(tmp, os.O_RDONLY)
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # Where flock fails (some network file systems) it fails for the other runs too, which
+    # then never take this folder for a stale one.
+    with contextlib.suppress(OSError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     # mkdtemp makes the folder private (0700); the model folder gets the modes of any new folder.
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp, lock

@@ -384,6 +384,23 @@ def test_damaged_shard_index_of_the_source_is_a_clear_error(checkpoint_450m, tmp
     assert listing(tmp_path) == {"source"}
 
 
+def test_file_system_without_flock_converts_and_removes_nothing(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other_run = tmp_path / ".out.other123.partial"  # cannot tell whether it is stale: kept
+    other_run.mkdir()
+    result = convert(checkpoint_450m, tmp_path / "out")
+    assert listing(tmp_path) == {"out", other_run.name}
+    assert "model.safetensors" in listing(result.path)
+
+
 def test_output_inside_the_source_is_refused(checkpoint_450m):
     with pytest.raises(Lfm2VlError, match="overlaps"):
         convert(checkpoint_450m, checkpoint_450m / "mlx", quantize=True)
