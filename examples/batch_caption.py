@@ -28,7 +28,12 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="temperature 0: same text every run")
     args = parser.parse_args()
 
-    images = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        images = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as e:  # missing, not a folder, not readable
+        raise SystemExit(
+            f"error: cannot list {args.folder} ({e.strerror}): pass a folder of images"
+        ) from None
     if not images:
         raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.folder}")
     try:

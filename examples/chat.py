@@ -2,14 +2,17 @@
 
     python examples/chat.py --model LiquidAI/LFM2-VL-1.6B
 
-Type a message and press Enter. `/image PATH` attaches an image to your next message, `/reset`
-starts over, `/quit` (or Ctrl-D) leaves. Earlier turns and images are not processed again: the
-`Chat` helper continues from a snapshot of the model's cache.
+Type a message and press Enter. `/image PATH` attaches an image to your next message (one that
+cannot be read is refused at once), `/reset` starts over, `/quit` (or Ctrl-D) leaves. A message
+that fails leaves the conversation as it was, and drops the images attached to it. Earlier
+turns and images are not processed again: the `Chat` helper continues from a snapshot of the
+model's cache.
 """
 
 import argparse
 
 from mlx_lfm2vl import Chat, Lfm2VlError, load
+from mlx_lfm2vl.image_processor import load_image
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     except Lfm2VlError as e:
         raise SystemExit(f"error: {e}") from None
     chat = Chat(model, processor, system=args.system, max_tokens=args.max_tokens)
-    pending_images: list[str] = []
+    pending_images: list = []
     while True:
         try:
             line = input("you> ").strip()
@@ -38,7 +41,12 @@ def main() -> None:
             pending_images = []
             continue
         if line.startswith("/image "):
-            pending_images.append(line.removeprefix("/image ").strip())
+            path = line.removeprefix("/image ").strip()
+            try:
+                # Decoded now: a bad path is reported here and never reaches a turn.
+                pending_images.append(load_image(path))
+            except Lfm2VlError as e:
+                print(f"error: {e} (image not attached)")
             continue
         if not line:
             continue
@@ -49,7 +57,12 @@ def main() -> None:
                 print(chunk.text, end="", flush=True)
                 stats = chunk.stats
         except Lfm2VlError as e:
-            print(f"\nerror: {e}")
+            # The conversation is as it was before this message. Its images go too: one that
+            # cannot be used would otherwise fail every later message.
+            dropped = len(pending_images)
+            note = f" (dropped the {dropped} attached image(s): /image to attach again)"
+            print(f"\nerror: {e}{note if dropped else ''}")
+            pending_images = []
             continue
         except KeyboardInterrupt:  # Ctrl-C stops the answer (kept, as far as it got), not the chat
             pass

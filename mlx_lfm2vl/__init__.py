@@ -11,6 +11,7 @@ Importing this package imports neither torch nor transformers.
 from __future__ import annotations
 
 import warnings
+from importlib import metadata as _metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,11 @@ warnings.filterwarnings(
     message="'mlx_lfm2vl\\.generate' found in sys.modules",
     category=RuntimeWarning,
 )
+
+try:
+    __version__ = _metadata.version("mlx-lfm2vl")
+except _metadata.PackageNotFoundError:  # a source checkout used without installing it
+    __version__ = "0.0.0+unknown"
 
 from .chat import Chat  # noqa: E402
 from .errors import Lfm2VlError  # noqa: E402
@@ -46,6 +52,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "Lfm2VlError",
+    "__version__",
     "generate",
     "load",
     "stream_generate",

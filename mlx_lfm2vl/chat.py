@@ -29,6 +29,7 @@ from .generate import (
     DEFAULT_PREFILL_STEP,
     GenerationChunk,
     GenerationResult,
+    _check_seed,
     _Part,
     _run,
     _stop_list,
@@ -143,6 +144,7 @@ class Chat:
         )
         settings.sampler()  # invalid values fail before any work
         settings.logits_processors()
+        _check_seed(options.get("seed"))
 
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         messages = [*self.messages, {"role": "user", "content": content}]

@@ -181,7 +181,10 @@ class ModelConfig:
             )
         hidden_act = d.get("projector_hidden_act", "gelu")
         if hidden_act != "gelu":
-            raise Lfm2VlError(f"projector_hidden_act {hidden_act!r} is not supported (only 'gelu')")
+            raise Lfm2VlError(
+                f"projector_hidden_act {hidden_act!r} is not supported: this port's projector "
+                "implements 'gelu' only, as every published LFM2-VL checkpoint uses"
+            )
         # The Aug-2025 configs say `vision_feature_layer: -1` (features from the last encoder
         # layer), which is all the native reference does; other values were never published.
         if d.get("vision_feature_layer", -1) != -1:

@@ -20,14 +20,19 @@ listed as `false`, so the file says exactly which layers are what:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ModelConfig
+from .config import MODEL_TYPES, ModelConfig
 from .errors import Lfm2VlError
 from .loading import _check_names, read_weights, resolve_model_path, sanitize
 from .models.lfm2_vl import Lfm2VlModel
@@ -45,8 +50,8 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 # Bits per component; None keeps the component in the output float dtype. Components: the tied
 # embedding / LM head ("embedding"), the LFM2 backbone's linear layers ("lm"), the SigLIP2 encoder's
-# linear layers ("vision"), the projector MLP ("projector"). The numbers behind the choices are in
-# docs/quantization.md and tests/test_quantization_accuracy.py.
+# linear layers ("vision"), the projector MLP ("projector"). The numbers behind the choices are
+# measured by tests/test_quantization_accuracy.py.
 RECIPES: dict[str, dict[str, int | None]] = {
     "uniform-8": {"embedding": 8, "lm": 8, "vision": 8, "projector": 8},
     "uniform-4": {"embedding": 4, "lm": 4, "vision": 4, "projector": 4},
@@ -72,6 +77,8 @@ _NEVER_QUANTIZED = (
 # Files of a checkpoint folder that are weights (rewritten, never copied) or rewritten here.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _REWRITTEN = ("config.json", "model.safetensors.index.json")
+# Suffix of the hidden folder a conversion writes into, beside the output, before renaming it.
+_PARTIAL = ".partial"
 
 Progress = Callable[[str, int, int], None]
 """A progress callback: (stage, done, total), stage one of "load", "quantize", "write"."""
@@ -306,6 +313,116 @@ def _set_dtype(raw: dict[str, Any], dtype_name: str) -> None:
                 section[key] = dtype_name
 
 
+def _safetensors_format(path: Path) -> str | None:
+    """The `format` a safetensors file's header metadata names ("mlx", "pt", ...), if any."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if size <= 100 << 20 else None
+    except (OSError, ValueError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata.get("format") if isinstance(metadata, dict) else None
+
+
+def _is_converted_folder(folder: Path) -> bool:
+    """Whether `folder` holds an LFM2-VL model in MLX layout: what this converter writes (and
+    what earlier versions of it wrote), so the only kind of folder `force` may replace."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        shards = list(folder.glob("*.safetensors"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") in MODEL_TYPES
+        and bool(shards)
+        and all(_safetensors_format(shard) == "mlx" for shard in shards)
+    )
+
+
+def _output_folder(mlx_path: str | Path, force: bool) -> Path:
+    """The absolute output folder, refused unless it is new, empty, or a converted model folder
+    that `force` allows replacing: --force must never delete anything else (a working folder,
+    a home folder, the source checkpoint...)."""
+    if not str(mlx_path).strip():
+        raise Lfm2VlError("the output path is empty: pass the folder to write, e.g. --mlx-path out")
+    # abspath, not Path.absolute: "." and ".." become the folder they name.
+    target = Path(os.path.abspath(Path(mlx_path).expanduser()))
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not target.is_dir():
+        raise Lfm2VlError(
+            f"{target} exists and is not a folder; it is never replaced, even with --force: "
+            "pick another --mlx-path"
+        )
+    try:
+        empty = not any(target.iterdir())
+    except OSError:
+        empty = False
+    if not empty and not _is_converted_folder(target):
+        raise Lfm2VlError(
+            f"{target} is not a model folder written by this converter (an LFM2-VL config.json "
+            "with MLX safetensors); it is never replaced, even with --force: pick a new or "
+            "empty folder"
+        )
+    if not force:
+        raise Lfm2VlError(f"{target} already exists; pass --force to replace it")
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_partial(target: Path) -> tuple[Path, int]:
+    """A new hidden folder beside `target` to write into, and the descriptor of the lock that
+    marks it as in use (an exclusive flock on the folder itself, released when the descriptor
+    is closed or the process dies, whatever kills it)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_PARTIAL, dir=target.parent))
+    except OSError as e:
+        raise Lfm2VlError(
+            f"cannot create the output in {target.parent} ({e.strerror or e}): pick a "
+            "writable --mlx-path"
+        ) from None
+    lock = os.open(tmp, os.O_RDONLY)
+    # Where flock fails (some network file systems) it fails for the other runs too, which
+    # then never take this folder for a stale one.
+    with contextlib.suppress(OSError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # mkdtemp makes the folder private (0700); the model folder gets the modes of any new folder.
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp, lock
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the partial folders of earlier conversions to `target` that no process holds."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+{re.escape(_PARTIAL)}")
+    try:
+        entries = [e for e in target.parent.iterdir() if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            lock = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running conversion writes there
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
 def _replace_folder(tmp: Path, target: Path) -> None:
     """Move a finished `tmp` into place; an existing `target` goes only once `tmp` is in place."""
     if not target.exists():
@@ -342,7 +459,10 @@ def convert(
 
     The output is written to a hidden temporary folder beside `mlx_path` and renamed into place
     when complete, so an interrupted or failed conversion leaves nothing behind (and an existing
-    folder replaced with `force` stays intact until then). Without `quantize`, `q_*` must be unset.
+    folder replaced with `force` stays intact until then); such folders of killed conversions to
+    the same output are removed by the next one. `force` replaces only an empty folder or one
+    that holds an MLX-format LFM2-VL model; anything else is refused. Without `quantize`, `q_*`
+    must be unset.
     `q_bits` selects the default recipe (`DEFAULT_RECIPE`); `q_recipe` names one explicitly.
     """
     start = time.perf_counter()
@@ -362,10 +482,8 @@ def convert(
     elif q_recipe is not None or q_bits is not None:
         raise Lfm2VlError("--q-bits/--q-recipe quantize the model: add -q (--quantize)")
 
+    target = _output_folder(mlx_path, force)
     source = resolve_model_path(hf_path)
-    target = Path(mlx_path).expanduser().absolute()
-    if target.exists() and not force:
-        raise Lfm2VlError(f"{target} already exists; pass --force to replace it")
     # Replacing (with --force) a folder that holds the source, or sits inside it, would delete
     # the weights being read.
     src, dst = source.resolve(), target.resolve()
@@ -378,33 +496,37 @@ def convert(
         raise Lfm2VlError(
             f"{source} is already quantized; convert from the original (float) checkpoint"
         )
-    if progress is not None:
-        progress("load", 0, 1)
-    model = Lfm2VlModel(config)
-    weights = sanitize(read_weights(source), config)
-    # Float weights go straight to the output dtype; quantized layers are recomputed from a
-    # float32 copy of the source weights in quantize_model (exact for bf16/fp16 sources).
-    _check_names(model, weights, source)  # a clear error for a config/weights mismatch
-    model.load_weights(list(weights.items()), strict=True)
-    params = parameter_count(model)
-    if progress is not None:
-        progress("load", 1, 1)
 
-    section = None
-    if recipe is not None:
-        plan = quantization_plan(model, recipe, q_group_size, q_mode)
-        section = quantization_section(plan, recipe)
-        quantize_model(model, plan, out_dtype, progress)
-        raw["quantization"] = section
-    _set_dtype(raw, dtype)
-    out_weights = {
-        name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-        for name, value in tree_flatten(model.parameters())
-    }
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # The output's folder is created now, not after loading and quantizing the whole model:
+    # a location that cannot be written fails at once. Partial folders left by killed runs
+    # (SIGTERM without the CLI's handler, SIGKILL, power loss) are removed first.
+    _remove_stale_partials(target)
+    tmp, lock = _new_partial(target)
     try:
+        if progress is not None:
+            progress("load", 0, 1)
+        model = Lfm2VlModel(config)
+        weights = sanitize(read_weights(source), config)
+        # Float weights go straight to the output dtype; quantized layers are recomputed from a
+        # float32 copy of the source weights in quantize_model (exact for bf16/fp16 sources).
+        _check_names(model, weights, source)  # a clear error for a config/weights mismatch
+        model.load_weights(list(weights.items()), strict=True)
+        params = parameter_count(model)
+        if progress is not None:
+            progress("load", 1, 1)
+
+        section = None
+        if recipe is not None:
+            plan = quantization_plan(model, recipe, q_group_size, q_mode)
+            section = quantization_section(plan, recipe)
+            quantize_model(model, plan, out_dtype, progress)
+            raw["quantization"] = section
+        _set_dtype(raw, dtype)
+        out_weights = {
+            name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+            for name, value in tree_flatten(model.parameters())
+        }
+
         _write_shards(out_weights, tmp, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for file in _source_files(source):
@@ -413,6 +535,8 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
     return ConversionResult(target, size, params, time.perf_counter() - start, section)
 
@@ -430,11 +554,51 @@ def _cli_progress(stage: str, done: int, total: int) -> None:
         print(f"{stage}: {done}/{total}", file=sys.stderr)
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the CLI is, so the partial output is cleaned up on the
+    way out (a BaseException: no `except Exception` on the way may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the conversion like Ctrl-C does, through its clean-up, instead
+    of killing the process on the spot and leaving the partial output behind."""
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def terminate(signum: int, frame: Any) -> None:
+        for sig in signals:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers
+        return
+    previous = {sig: signal.signal(sig, terminate) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The command line (`python -m mlx_lfm2vl.convert`, top-level `convert.py`)."""
+    """The command line (`python -m mlx_lfm2vl.convert`, top-level `convert.py`).
+
+    Exits (SystemExit) with 0, 1 for a user error, 2 for a usage error, 130 on Ctrl-C and
+    128 + the signal number on SIGTERM/SIGHUP; errors are one line on stderr.
+    """
     import click
 
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    from . import __version__
+
+    @click.command(
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    )
+    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
     @click.option("--hf-path", required=True, help="Hub id or local folder of the checkpoint.")
     @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output folder.")
     @click.option(
@@ -462,9 +626,25 @@ def main(argv: list[str] | None = None) -> None:
     @click.option(
         "--q-recipe", type=click.Choice(list(RECIPES)), default=None, help="Bits per model part."
     )
-    @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+    @click.option(
+        "--force",
+        is_flag=True,
+        help="Replace an existing output folder that holds a converted model (or is empty); "
+        "other folders and files are never replaced.",
+    )
     def command(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, force):
-        try:
+        """Convert a Hugging Face LFM2-VL checkpoint to an MLX model folder, float or quantized.
+
+        The folder holds MLX-layout safetensors, config.json and the checkpoint's tokenizer and
+        processor files: pass it to `python -m mlx_lfm2vl.generate --model`. It is written
+        beside the output under a hidden name and renamed into place when complete.
+
+        \b
+        Examples:
+          python -m mlx_lfm2vl.convert --hf-path LiquidAI/LFM2-VL-450M --mlx-path lfm2-vl-450m
+          python -m mlx_lfm2vl.convert --hf-path LiquidAI/LFM2-VL-1.6B --mlx-path vl-1.6b-4bit -q
+        """
+        with _cleanup_on_termination():
             result = convert(
                 hf_path,
                 mlx_path,
@@ -477,17 +657,30 @@ def main(argv: list[str] | None = None) -> None:
                 force=force,
                 progress=_cli_progress,
             )
-        except Lfm2VlError as e:
-            # One line on stderr, worded like the generate CLI's.
-            click.echo(f"error: {e}", err=True)
-            raise SystemExit(1) from None
         what = f"recipe {result.quantization['recipe']}" if result.quantization else dtype
         click.echo(
             f"wrote {result.path} ({what}): {result.bytes_on_disk / 1e6:.1f} MB, "
             f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s"
         )
 
-    command.main(args=argv, prog_name="python -m mlx_lfm2vl.convert")
+    # Worded and numbered like the generate CLI's exits.
+    code = 0
+    try:
+        command.main(args=argv, prog_name="python -m mlx_lfm2vl.convert", standalone_mode=False)
+    except Lfm2VlError as e:
+        click.echo(f"error: {e}", err=True)
+        code = 1
+    except click.exceptions.Abort:  # Ctrl-C; the partial output was removed on the way out
+        click.echo("aborted", err=True)
+        code = 130
+    except _Terminated as e:
+        name = signal.Signals(e.signum).name
+        click.echo(f"error: stopped by {name}; the partial output was removed", err=True)
+        code = 128 + e.signum
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        code = e.exit_code
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

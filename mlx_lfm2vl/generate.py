@@ -17,6 +17,8 @@ call, so two models (or two generations, one after the other) never see each oth
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 import sys
 import threading
@@ -288,9 +290,18 @@ class _Part:
     spatial_shapes: mx.array | None = None
 
 
+def _check_seed(seed: int | None) -> None:
+    # mx.random.key takes an unsigned 64-bit seed; anything else is a bare TypeError there.
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise Lfm2VlError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
 def _key(seed: int | None) -> mx.array:
     # A key of our own, never MLX's global PRNG: two generations cannot disturb each other.
-    return mx.random.key(seed if seed is not None else random.SystemRandom().getrandbits(63))
+    _check_seed(seed)
+    return mx.random.key(int(seed) if seed is not None else random.SystemRandom().getrandbits(63))
 
 
 def _run(
@@ -433,12 +444,16 @@ def stream_generate(
     """Generate an answer to `prompt` (a string, or chat messages) about `images`, streamed.
 
     Yields one `GenerationChunk` per sampled token; the last one has `finish_reason` set.
-    Sampling options left as None take the checkpoint's defaults (`checkpoint_sampling`);
-    `temperature=0` is greedy. `stop` strings end the answer and are not part of it.
-    `image_options` go to the processor (`min_image_tokens`, `max_image_tokens`,
-    `do_image_splitting`, ...). Cancel by leaving the loop (closing the generator) or with
-    `should_stop`, a callable or `threading.Event` checked after every token and between
-    prefill chunks. Raises `Lfm2VlError` for user errors (bad image, bad option, ...).
+    Sampling options left as None take the checkpoint's defaults (`checkpoint_sampling`).
+    `temperature=0` is greedy decoding as the reference's `do_sample=False`: the most likely
+    token, with a repetition penalty only if `repetition_penalty` is passed or the checkpoint's
+    generation_config.json sets one (the model cards' 1.05 goes with sampling). `stop` strings
+    end the answer and are not part of it. `image_options` go to the processor
+    (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`, ...; what they do, and why a
+    lower `max_image_tokens` can give more tokens, is in `ImageProcessorSettings`). Cancel by
+    leaving the loop (closing the generator) or with `should_stop`, a callable or
+    `threading.Event` checked after every token and between prefill chunks. Raises
+    `Lfm2VlError` for user errors (bad image, bad option, ...).
     """
     start_time = time.perf_counter()
     settings = checkpoint_sampling(processor).override(
@@ -451,6 +466,7 @@ def stream_generate(
     )
     settings.sampler()  # invalid values fail before any work
     settings.logits_processors()
+    _check_seed(seed)
     processed = processor.process(prompt, images, **image_options)
     part = _Part(processed.input_ids)
     if processed.images is not None:
@@ -512,9 +528,18 @@ def _cli():
     # click is imported here so `import mlx_lfm2vl` does not pay for it.
     import click
 
+    def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        # click's FloatRange lets nan through (every comparison with it is false) and inf.
+        if value is not None and not math.isfinite(value):
+            raise click.BadParameter(f"{value} is not a finite number.")
+        return value
+
+    from . import __version__
+
     @click.command(
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
     )
+    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
     @click.option(
         "--model",
         default=DEFAULT_MODEL,
@@ -526,9 +551,15 @@ def _cli():
         "images",
         multiple=True,
         metavar="PATH_OR_URL",
-        help="Image file or http(s) URL; repeat for several images (they go before the prompt).",
+        help="Image file or http(s) URL; repeat for several images (they go before the prompt, "
+        "or at its <image> markers).",
     )
-    @click.option("--prompt", required=True, help="The question or instruction.")
+    @click.option(
+        "--prompt",
+        required=True,
+        help="The question or instruction. Each <image> in it marks where the next --image goes "
+        "(then one marker per --image); without markers the images go before it.",
+    )
     @click.option("--system", default=None, help="Optional system message.")
     @click.option(
         "--max-tokens",
@@ -540,12 +571,16 @@ def _cli():
     @click.option(
         "--temperature",
         type=click.FloatRange(min=0),
+        callback=finite,
         default=None,
-        help="Sampling temperature; 0 is greedy. Default: the checkpoint's, else 0.1.",
+        help="Sampling temperature. 0 is greedy decoding: the most likely token, with no "
+        "repetition penalty unless --repetition-penalty (or the checkpoint) sets one. "
+        "Default: the checkpoint's, else 0.1.",
     )
     @click.option(
         "--top-p",
         type=click.FloatRange(0, 1, min_open=True),
+        callback=finite,
         default=None,
         help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
     )
@@ -558,33 +593,48 @@ def _cli():
     @click.option(
         "--min-p",
         type=click.FloatRange(0, 1),
+        callback=finite,
         default=None,
         help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
     )
     @click.option(
         "--repetition-penalty",
         type=click.FloatRange(min=0, min_open=True),
+        callback=finite,
         default=None,
-        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else 1.05.",
+        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else "
+        "1.05 when sampling and none when greedy (--temperature 0).",
     )
     @click.option(
         "--min-image-tokens",
         type=click.IntRange(min=1),
         default=None,
-        help="Fewest image tokens per image view. Default: the checkpoint's processor config.",
+        help="Fewest image tokens of a single view or thumbnail (smaller images are upscaled). "
+        "Default: the checkpoint's processor config.",
     )
     @click.option(
         "--max-image-tokens",
         type=click.IntRange(min=1),
         default=None,
-        help="Most image tokens per image view. Default: the checkpoint's processor config.",
+        help="Token budget of an image encoded as one view (and of a tiled image's thumbnail). "
+        "With splitting on, it also sets when an image is tiled: above N x 1024 x the "
+        "checkpoint's max_pixels_tolerance (1.5 or 2) pixels it becomes 512x512 tiles of 256 "
+        "tokens each plus the thumbnail, so a LOWER value can give MORE tokens (an 800x600 "
+        "photo: 1590 tokens at 64, 234 at 256). As in the reference, each side of a view keeps "
+        "at least 32 pixels, so a very thin image exceeds it (1x10000: one view of 1600 tokens "
+        "at 256). Default: the checkpoint's processor config.",
     )
     @click.option(
         "--no-image-splitting",
         is_flag=True,
         help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
     )
-    @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+    @click.option(
+        "--seed",
+        type=click.IntRange(0, 2**64 - 1),
+        default=None,
+        help="Seed for reproducible sampling (0 to 2**64 - 1).",
+    )
     @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
     def cli(
         model: str,
@@ -612,12 +662,25 @@ def _cli():
         from pathlib import Path
 
         from . import load
+        from .config import ModelConfig
         from .loading import resolve_model_path
 
-        # Fail on a missing image before the (slow) model load.
+        # Fail on a missing image, or text the shell passed in another encoding than UTF-8
+        # (Python keeps its bytes as lone surrogates), before the (slow) model load.
         for image in images:
-            if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+            if image.startswith(("http://", "https://")):
+                continue
+            if Path(image).is_dir():
+                raise Lfm2VlError(f"image {image!r} is a folder: pass an image file or a URL")
+            if not Path(image).is_file():
                 raise Lfm2VlError(f"image {image!r} not found: pass an existing file or a URL")
+        for flag, text in (("--prompt", prompt), ("--system", system or "")):
+            bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:
+                raise Lfm2VlError(
+                    f"{flag} is not UTF-8 text (byte 0x{ord(text[bad]) - 0xDC00:02x} at "
+                    f"character {bad}): pass it in UTF-8 (a UTF-8 terminal, script or file)"
+                )
         folder = resolve_model_path(model)
         mx.reset_peak_memory()
         with warnings.catch_warnings(record=True) as caught:
@@ -627,7 +690,9 @@ def _cli():
             click.echo(f"warning: {warning.message}", err=True)
         settings = SamplingSettings.from_folder(folder)
 
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        # `<image>` markers typed in the prompt place the images; without any, they go first.
+        content = [] if processor.image_token in prompt else [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
@@ -673,6 +738,13 @@ def _cli():
                 from .cpu.blas import blas_in_use
 
                 lines.append(f"BLAS: {blas_in_use()}")
+            quantization = ModelConfig.from_file(folder / "config.json").quantization
+            if quantization:
+                recipe = quantization.get("recipe")
+                stored = f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}"
+                lines.append(f"weights: {stored}" + (f", recipe {recipe}" if recipe else ""))
+            else:
+                lines.append("weights: not quantized")
             lines += _format_stats(chunk.stats, chunk.finish_reason)
             click.echo("\n".join(lines), err=True)
 

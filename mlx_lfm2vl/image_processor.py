@@ -48,6 +48,9 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 DEFAULT_MAX_INPUT_PIXELS = 89_478_485
 
 _URL_TIMEOUT_S = 30.0
+# The most an image URL may send: far above any photo, and a bound on what a bad link (a video, an
+# endless stream) can make the process hold in memory.
+_MAX_URL_BYTES = 64 << 20
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -62,6 +65,15 @@ class ImageProcessorSettings:
 
     Checkpoints override them through their processor files (see `from_pretrained`). `resample`
     follows PIL's numbering as the reference does: 2 = bilinear, 3 = bicubic.
+
+    The token budgets work as the reference's, which surprises: `min_image_tokens` and
+    `max_image_tokens` bound the tokens of an image encoded as one view and of a tiled image's
+    thumbnail. With `do_image_splitting`, `max_image_tokens` also decides tiling: an image
+    whose pixels (rounded to multiples of 32) exceed `max_image_tokens x 1024 x
+    max_pixels_tolerance` becomes `tile_size` tiles of a fixed 256 tokens each (at 512 pixels)
+    plus the thumbnail, so lowering `max_image_tokens` can raise the total (800x600: 234 tokens
+    at 256, 1590 at 64). And a view keeps at least 32 pixels a side, so a very thin image
+    exceeds the budget (1x10000: one view of 1600 tokens against 256).
     """
 
     min_image_tokens: int = 64
@@ -290,6 +302,8 @@ def _read_file(path: str | bytes) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise Lfm2VlError(f"Image file not found: {path!r}. Check the path.") from e
+    except IsADirectoryError as e:
+        raise Lfm2VlError(f"Image path {path!r} is a folder. Pass an image file.") from e
     except OSError as e:
         raise Lfm2VlError(f"Cannot read image file {path!r}: {e}.") from e
 
@@ -297,22 +311,34 @@ def _read_file(path: str | bytes) -> bytes:
 def _fetch_url(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=_URL_TIMEOUT_S) as response:
-            return response.read()
+            # One byte over the cap tells a response at the cap from a larger one.
+            data = response.read(_MAX_URL_BYTES + 1)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise Lfm2VlError(
             f"Cannot download image {url}: {e}. Check the URL and the network, or pass a "
             "local file."
         ) from e
+    if len(data) > _MAX_URL_BYTES:
+        raise Lfm2VlError(
+            f"The image at {url} is larger than {_MAX_URL_BYTES >> 20} MB, the most this "
+            "downloads. Download it yourself and pass the file (or a smaller copy)."
+        )
+    return data
 
 
 def _decode(data: bytes, name: str, max_input_pixels: int) -> RgbRows:
+    if not data:
+        raise Lfm2VlError(f"{name} is empty (0 bytes). Pass an image file.")
+    buffer = io.BytesIO(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(buffer)
     except Image.DecompressionBombError as e:
         raise Lfm2VlError(f"{name} is too large to decode safely ({e}). Downscale it first.") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
+        # Pillow names the buffer it read ("<_io.BytesIO object at 0x...>"); the name says more.
+        reason = str(e).replace(f" {buffer!r}", "")
         raise Lfm2VlError(
-            f"Cannot decode {name}: not a supported image file ({e}). "
+            f"Cannot decode {name}: not a supported image file ({reason}). "
             "Use a JPEG, PNG, WebP, GIF, BMP or TIFF file."
         ) from e
     return _pil_to_rows(image, max_input_pixels, name)

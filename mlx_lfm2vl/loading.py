@@ -42,7 +42,7 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
     except Exception as e:  # offline, not found, gated, network errors: all mean "not available"
         reason = " ".join(str(e).split())  # hub errors span lines; ours is read as one
         if len(reason) > 160:
-            reason = reason[:157] + "..."
+            reason = reason[:157].rsplit(" ", 1)[0] + " ..."  # whole words only
         raise Lfm2VlError(
             f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {reason}). "
             "If you have the checkpoint on disk, pass its folder instead, e.g. "
@@ -54,8 +54,16 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint folder, checked against its shard index when there is one."""
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
-        index = json.loads(index_file.read_text())
-        shard_names = sorted(set(index["weight_map"].values()))
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+            if not all(isinstance(name, str) for name in shard_names):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise Lfm2VlError(
+                f"{index_file} is damaged or incomplete (it must map tensor names to shard files "
+                "under weight_map); download or convert the checkpoint again"
+            ) from None
         missing = [name for name in shard_names if not (folder / name).exists()]
         if missing:
             raise Lfm2VlError(

@@ -260,6 +260,15 @@ class Processor:
         """
         images = _image_list(images)
         self._check_options(options)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # Lone surrogates: how Python keeps bytes it could not decode (command lines, file
+            # names); the tokenizer takes only text.
+            raise Lfm2VlError(
+                f"The prompt holds {text[e.start]!r} at character {e.start}, which is not text "
+                "(an undecodable byte?). Decode the input as UTF-8 first."
+            ) from None
         markers = text.count(self.image_token)
         if markers != len(images):
             raise Lfm2VlError(

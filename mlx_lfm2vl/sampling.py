@@ -17,6 +17,7 @@ and a PRNG key and returns (B,) token ids, so a seeded run never touches MLX's g
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -77,11 +78,14 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
 
 
 def _check(temperature: float, top_p: float, top_k: int, min_p: float) -> None:
-    if temperature < 0:
-        raise Lfm2VlError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    # Written so that NaN fails too: every comparison with NaN is false.
+    if not 0 <= temperature < math.inf:
+        raise Lfm2VlError(
+            f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}"
+        )
     if not 0 < top_p <= 1:
         raise Lfm2VlError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-    if top_k < 0:
+    if not top_k >= 0:
         raise Lfm2VlError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 <= min_p <= 1:
         raise Lfm2VlError(f"min_p must be in [0, 1] (0 disables it), got {min_p}")
@@ -130,9 +134,10 @@ def make_logits_processors(
     `repetition_context_size` limits the penalty to the last N tokens of prompt + output; None
     penalizes every token seen, as the reference does.
     """
-    if repetition_penalty <= 0:
+    if not 0 < repetition_penalty < math.inf:
         raise Lfm2VlError(
-            f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}"
+            f"repetition_penalty must be a finite number > 0 (1 disables it), "
+            f"got {repetition_penalty}"
         )
     if repetition_context_size is not None and repetition_context_size < 1:
         raise Lfm2VlError(
@@ -149,19 +154,28 @@ def make_logits_processors(
     return [penalize]
 
 
+# The model cards' repetition penalty, recommended with their sampling settings.
+_CARD_REPETITION_PENALTY = 1.05
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """One place for the sampling defaults.
 
     The LFM2-VL model cards recommend temperature 0.1, min_p 0.15 and repetition_penalty 1.05;
     a checkpoint's generation_config.json overrides any of them it sets (`from_folder`).
+
+    Temperature 0 is greedy decoding as the reference's `do_sample=False`: the argmax, with a
+    repetition penalty only when one is set (by the caller or the checkpoint's
+    generation_config.json). The model cards' 1.05 goes with their sampling settings, so
+    `repetition_penalty=None` means 1.05 when sampling and no penalty when greedy.
     """
 
     temperature: float = 0.1
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.15
-    repetition_penalty: float = 1.05
+    repetition_penalty: float | None = None
     repetition_context_size: int | None = None
 
     @classmethod
@@ -193,7 +207,10 @@ class SamplingSettings:
         return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
 
     def logits_processors(self) -> list[LogitsProcessor]:
-        return make_logits_processors(self.repetition_penalty, self.repetition_context_size)
+        penalty = self.repetition_penalty
+        if penalty is None:  # the model cards' value goes with sampling, not with greedy
+            penalty = _CARD_REPETITION_PENALTY if self.temperature != 0 else 1.0
+        return make_logits_processors(penalty, self.repetition_context_size)
 
 
 def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:

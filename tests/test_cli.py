@@ -116,6 +116,19 @@ def test_cli_sampling_and_image_flags_reach_the_api(talking_checkpoint, image_fi
     assert expected.stats.image_tokens <= 32
 
 
+def test_cli_temperature_0_is_plain_greedy_unless_a_penalty_is_passed(talking_checkpoint):
+    args = ["--model", str(talking_checkpoint), "--prompt", "Hi", "--max-tokens", "16"]
+    args += ["--temperature", "0"]
+    greedy = run_cli(*args)
+    penalized = run_cli(*args, "--repetition-penalty", "1.05")
+    model, processor = load(talking_checkpoint)
+    plain = generate(model, processor, "Hi", max_tokens=16, temperature=0, repetition_penalty=1)
+    card = generate(model, processor, "Hi", max_tokens=16, temperature=0, repetition_penalty=1.05)
+    assert plain.text != card.text  # the model cards' penalty changes this answer
+    assert (greedy.returncode, greedy.stdout) == (0, plain.text + "\n")
+    assert (penalized.returncode, penalized.stdout) == (0, card.text + "\n")
+
+
 def test_cli_run_path_imports_neither_torch_nor_transformers(talking_checkpoint):
     code = (
         "import sys; from mlx_lfm2vl.generate import main; "
@@ -168,11 +181,69 @@ def test_cli_unreadable_image_is_one_line_error(talking_checkpoint, tmp_path):
     assert_one_line_error(result, "broken.png")
 
 
+def test_cli_folder_as_image_is_reported_as_a_folder(talking_checkpoint, tmp_path):
+    result = run_cli("--model", str(talking_checkpoint), "--image", str(tmp_path), "--prompt", "Hi")
+    assert_one_line_error(result, str(tmp_path), "is a folder")
+    assert "not found" not in result.stderr
+
+
+def test_cli_prompt_that_is_not_utf8_is_one_line_error(talking_checkpoint):
+    # What Python makes of `--prompt "$(printf 'caf\xe9 \xff')"` (Latin-1 bytes): lone
+    # surrogates, which it turns back into the same bytes on the way to the subprocess.
+    prompt = "caf\udce9 \udcff"
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", prompt)
+    assert_one_line_error(result, "--prompt is not UTF-8", "byte 0xe9 at character 3")
+    system = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", "--system", prompt)
+    assert_one_line_error(system, "--system is not UTF-8")
+
+
+def test_cli_image_markers_in_the_prompt_place_the_images(talking_checkpoint, image_file):
+    prompt = "Look at <image> and say what it shows."
+    args = ["--model", str(talking_checkpoint), "--image", str(image_file), "--prompt", prompt]
+    result = run_cli(*args, "--max-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    model, processor = load(talking_checkpoint)
+    expected = generate(model, processor, prompt, [str(image_file)], max_tokens=8, temperature=0)
+    assert result.stdout == expected.text + "\n"
+    # One marker per image: two markers for one image is an error, not a third placement.
+    two = run_cli(*args[:-1], "Compare <image> with <image>.")
+    assert_one_line_error(two, "2 <image> marker(s) but 1 image(s)")
+
+
+def test_cli_version_is_the_package_version():
+    import mlx_lfm2vl
+
+    version = run_cli("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip().endswith(f"version {mlx_lfm2vl.__version__}")
+
+
+def test_cli_verbose_says_whether_the_weights_are_quantized(talking_checkpoint, tmp_path):
+    from mlx_lfm2vl.convert import convert
+
+    quantized = convert(talking_checkpoint, tmp_path / "q4", quantize=True).path
+    for folder, line in (
+        (talking_checkpoint, "weights: not quantized"),
+        (quantized, "weights: 4-bit affine, recipe mixed-4"),
+    ):
+        result = run_cli("--model", str(folder), "--prompt", "Hi", "--max-tokens", "2", "--verbose")
+        assert result.returncode == 0, result.stderr
+        assert line in result.stderr.splitlines()
+
+
 def test_cli_bad_model_path_is_one_line_error(tmp_path):
     result = run_cli("--model", str(tmp_path / "no-such-model"), "--prompt", "Hi")
     assert_one_line_error(result, "no-such-model")
     empty = run_cli("--model", str(tmp_path), "--prompt", "Hi")
     assert_one_line_error(empty)
+
+
+def test_cli_damaged_shard_index_is_one_line_error(talking_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(talking_checkpoint, folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')  # no weight_map
+    result = run_cli("--model", str(folder), "--prompt", "Hi")
+    assert_one_line_error(result, "model.safetensors.index.json")
 
 
 def test_cli_hub_id_unavailable_offline_says_how_to_pass_a_folder(tmp_path):
@@ -195,6 +266,92 @@ def test_cli_usage_errors_are_one_line(args):
     result = run_cli(*args)
     assert_one_line_error(result)
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--temperature", "nan"],
+        ["--temperature", "inf"],
+        ["--repetition-penalty", "nan"],
+        ["--repetition-penalty", "inf"],
+        ["--min-p", "nan"],
+        ["--top-p", "nan"],
+    ],
+)
+def test_cli_rejects_non_finite_sampling_values(talking_checkpoint, flag):
+    # nan passed click's range checks and the library's comparisons: an empty answer, exit 0.
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", *flag)
+    assert_one_line_error(result, flag[0], "finite")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_cli_seed_outside_the_unsigned_64_bit_range_is_a_usage_error(talking_checkpoint, seed):
+    result = run_cli("--model", str(talking_checkpoint), "--prompt", "Hi", "--seed", seed)
+    assert_one_line_error(result, "--seed")
+    assert result.returncode == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The examples
+# --------------------------------------------------------------------------------------------
+
+
+def run_example(name: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    repo = Path(__file__).parents[1]
+    return subprocess.run(
+        [sys.executable, str(repo / "examples" / name), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+    )
+
+
+def test_chat_example_survives_a_bad_image_and_a_failed_turn(talking_checkpoint, image_file):
+    from mlx_lfm2vl import Chat
+
+    folder = talking_checkpoint.parent / "greedy"  # greedy: the replies can be compared
+    if not folder.exists():
+        shutil.copytree(talking_checkpoint, folder)
+        (folder / "generation_config.json").write_text('{"eos_token_id": 7, "do_sample": false}')
+    session = [
+        "Hi",
+        "/image /no/such/picture.png",  # refused at once: not attached
+        "How are you?",
+        f"/image {image_file}",
+        "Compare <image> with <image>.",  # two markers, one image: the turn fails
+        "Thanks",
+    ]
+    result = run_example(
+        "chat.py", "--model", str(folder), "--max-tokens", "6", stdin="\n".join(session) + "\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    replies = [
+        None if part.startswith("\nerror: ") else part.split("\n[", 1)[0]
+        for part in result.stdout.split("model> ")[1:]
+    ]
+    model, processor = load(folder)
+    chat = Chat(model, processor, max_tokens=6)
+    expected = [chat.ask(text).text for text in ("Hi", "How are you?")]
+    expected += [None, chat.ask("Thanks").text]  # the failed turn left no trace
+    assert replies == expected
+    assert "picture.png" in result.stdout and "(image not attached)" in result.stdout
+    assert "dropped the 1 attached image(s)" in result.stdout
+
+
+def test_batch_caption_example_with_a_missing_folder_is_one_line_error(tmp_path):
+    result = run_example("batch_caption.py", str(tmp_path / "photos"), str(tmp_path / "out.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot list {tmp_path / 'photos'} (No such file or directory): pass a folder "
+        "of images"
+    ]
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is for Linux's CPU backend")

@@ -102,6 +102,17 @@ def test_hyphenated_model_type_is_accepted_and_unknown_types_fail_clearly():
         ModelConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "relu", None])
+def test_projector_activation_other_than_gelu_fails_when_the_config_is_read(act):
+    # The projector computes exact GELU whatever the config says; any other value would be
+    # ignored silently, so it is refused before a model is built.
+    raw = published("LFM2-VL-450M")
+    assert ModelConfig.from_dict(raw).projector_hidden_act == "gelu"
+    raw["projector_hidden_act"] = act
+    with pytest.raises(Lfm2VlError, match=f"projector_hidden_act {act!r} is not supported"):
+        ModelConfig.from_dict(raw)
+
+
 def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(Lfm2VlError, match="config.json"):
         ModelConfig.from_file(tmp_path / "config.json")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -263,18 +265,140 @@ def test_failure_leaves_no_output_and_no_temporary_folder(checkpoint_450m, tmp_p
 
 def test_existing_output_needs_force_and_survives_a_failed_replacement(checkpoint_450m, tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "mine.txt").write_text("keep me")
+    convert(checkpoint_450m, target, quantize=True)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(Lfm2VlError, match="--force"):
         convert(checkpoint_450m, target)
     with pytest.raises(Injected):
         convert(checkpoint_450m, target, force=True, progress=fail_while_writing)
-    assert listing(tmp_path) == {"out"} and listing(target) == {"mine.txt"}
+    assert listing(tmp_path) == {"out"}
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
-    result = convert(checkpoint_450m, target, force=True)
-    assert "mine.txt" not in listing(target) and "model.safetensors" in listing(target)
+    result = convert(checkpoint_450m, target, force=True)  # float now: the files change
+    assert "quantization" not in json.loads((target / "config.json").read_text())
     assert listing(tmp_path) == {"out"}
     assert isinstance(result, ConversionResult)
+
+
+def test_force_replaces_an_empty_folder(checkpoint_450m, tmp_path):
+    (tmp_path / "out").mkdir()
+    convert(checkpoint_450m, tmp_path / "out", force=True)
+    assert "model.safetensors" in listing(tmp_path / "out")
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_converted_model(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    # The report: `--mlx-path . --force` wiped the working folder.
+    monkeypatch.chdir(work)
+    for path in (".", work, tmp_path / "work" / ".." / "work"):
+        with pytest.raises(Lfm2VlError, match="not a model folder written by this converter"):
+            convert(checkpoint_450m, path, force=True)
+    assert listing(work) == {"notes.txt"} and listing(tmp_path) == {"work"}
+    # A published (PyTorch-format) checkpoint is not this converter's output either.
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(checkpoint_450m, hf_copy)
+    with pytest.raises(Lfm2VlError, match="not a model folder written by this converter"):
+        convert(checkpoint_450m, hf_copy, force=True)
+    assert listing(hf_copy) == listing(checkpoint_450m)
+
+
+def test_force_never_replaces_a_file_and_an_empty_path_is_an_error(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    file = tmp_path / "model.bin"
+    file.write_bytes(b"data")
+    with pytest.raises(Lfm2VlError, match="not a folder"):
+        convert(checkpoint_450m, file, force=True)
+    assert file.read_bytes() == b"data"
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):  # an unset shell variable
+        with pytest.raises(Lfm2VlError, match="output path is empty"):
+            convert(checkpoint_450m, empty, force=True)
+    assert listing(tmp_path) == {"model.bin"}
+
+
+def test_unwritable_output_fails_before_the_model_is_loaded(checkpoint_450m, tmp_path):
+    stages = []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = [blocker / "out"]
+    if sys.platform == "linux":
+        unwritable.append(Path("/proc/x7"))  # the report's example; root cannot write there either
+    for target in unwritable:
+        with pytest.raises(Lfm2VlError, match="writable --mlx-path"):
+            convert(checkpoint_450m, target, progress=lambda *a: stages.append(a))
+    assert stages == []  # not even the "load" stage started
+    assert listing(tmp_path) == {"a-file"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_output_folder_modes_follow_the_umask(checkpoint_450m, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        result = convert(checkpoint_450m, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert result.path.stat().st_mode & 0o777 == 0o777 & ~umask  # was 0700 (mkdtemp's)
+    assert (result.path / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_partial_folders_are_removed_unless_a_live_process_holds_them(
+    checkpoint_450m, tmp_path
+):
+    import fcntl
+
+    stale = tmp_path / ".out.dead1234.partial"
+    held = tmp_path / ".out.live5678.partial"
+    other = tmp_path / ".other.dead1234.partial"  # another output's: not ours to judge
+    for folder in (stale, held, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    lock = os.open(held, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a running conversion holds its folder
+    try:
+        convert(checkpoint_450m, tmp_path / "out")
+        assert listing(tmp_path) == {"out", held.name, other.name}
+    finally:
+        os.close(lock)
+    convert(checkpoint_450m, tmp_path / "out", force=True)  # nobody holds it now
+    assert listing(tmp_path) == {"out", other.name}
+
+
+def test_damaged_shard_index_of_the_source_is_a_clear_error(checkpoint_450m, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(checkpoint_450m, source)
+    (source / "model.safetensors.index.json").write_text("{not json")
+    code, out, err = run_main(
+        ["--hf-path", str(source), "--mlx-path", str(tmp_path / "out")], capsys
+    )
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "loading the checkpoint...",
+        err.splitlines()[-1],  # one line for the error, no traceback
+    ]
+    assert err.splitlines()[-1].startswith("error: ") and "index.json is damaged" in err
+    assert listing(tmp_path) == {"source"}
+
+
+def test_file_system_without_flock_converts_and_removes_nothing(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other_run = tmp_path / ".out.other123.partial"  # cannot tell whether it is stale: kept
+    other_run.mkdir()
+    result = convert(checkpoint_450m, tmp_path / "out")
+    assert listing(tmp_path) == {"out", other_run.name}
+    assert "model.safetensors" in listing(result.path)
 
 
 def test_output_inside_the_source_is_refused(checkpoint_450m):
@@ -305,6 +429,127 @@ def test_cli_converts_and_reports_errors_in_one_line(checkpoint_450m, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--force" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--hf-path", "x", "--q-bits", "3"],
+        [],  # no --hf-path
+        ["--hf-path", "x", "--frobnicate"],
+    ],
+)
+def test_cli_usage_errors_are_one_line_like_generate(args, capsys):
+    code, out, err = run_main(args, capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and err.strip().endswith("(see --help)")
+
+
+def test_cli_output_errors_are_one_line_before_loading(checkpoint_450m, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for mlx_path in ("", str(blocker / "out"), str(blocker)):
+        code, out, err = run_main(
+            ["--hf-path", str(checkpoint_450m), "--mlx-path", mlx_path], capsys
+        )
+        assert code == 1 and out == ""
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert "loading the checkpoint" not in err
+
+
+def test_cli_help_describes_the_command_and_version_is_the_package_version(capsys):
+    import mlx_lfm2vl
+
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    assert "Convert a Hugging Face LFM2-VL checkpoint to an MLX model folder" in out
+    assert "--version" in out
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip().endswith(f"version {mlx_lfm2vl.__version__}")
+    assert mlx_lfm2vl.__version__ != "0.0.0+unknown"  # the tests run on an installed package
+
+
+# A conversion through the real CLI (`main`) that stops once its first shard is written, so a
+# signal lands while the partial output is on disk; "writing" on stdout says it got there.
+BLOCKED_CLI = """
+import sys, time
+import mlx_lfm2vl.convert as convert
+
+def progress(stage, done, total):
+    if stage == "write":
+        print("writing", flush=True)
+        time.sleep(120)
+
+convert._cli_progress = progress
+convert.main(sys.argv[1:])
+"""
+
+
+def start_blocked_conversion(source: Path, target: Path, *flags: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_CLI, "--hf-path", str(source), "--mlx-path", str(target)]
+        + list(flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert process.stdout.readline() == "writing\n", process.stderr.read()
+    return process
+
+
+def partial_folders(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".out.*.partial"))
+
+
+@pytest.mark.parametrize(
+    "signum, code, message",
+    [
+        (signal.SIGTERM, 143, "error: stopped by SIGTERM; the partial output was removed"),
+        (signal.SIGHUP, 129, "error: stopped by SIGHUP; the partial output was removed"),
+        (signal.SIGINT, 130, "aborted"),  # Ctrl-C, as the generate CLI words it
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGINT"],
+)
+def test_cli_stopped_by_a_signal_removes_its_partial_output(
+    checkpoint_450m, tmp_path, signum, code, message
+):
+    process = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    [partial] = partial_folders(tmp_path)
+    assert (partial / "model.safetensors").exists()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code
+    assert err.strip() == message and "Traceback" not in err
+    assert listing(tmp_path) == set()
+
+
+def test_partial_output_of_a_killed_conversion_is_removed_by_the_next_one(
+    checkpoint_450m, tmp_path
+):
+    killed = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    killed.kill()  # SIGKILL: no clean-up can run
+    killed.communicate(timeout=60)
+    [stale] = partial_folders(tmp_path)
+    running = start_blocked_conversion(checkpoint_450m, tmp_path / "out")
+    [live] = [p for p in partial_folders(tmp_path) if p != stale]
+    assert not stale.exists()  # removed by the second conversion as it started
+
+    convert(checkpoint_450m, tmp_path / "out")  # a third one, while the second still runs
+    assert partial_folders(tmp_path) == [live]  # its owner is alive: left alone
+    running.send_signal(signal.SIGTERM)
+    running.communicate(timeout=60)
+    assert running.returncode == 143
+    assert listing(tmp_path) == {"out"}
+    assert "model.safetensors" in listing(tmp_path / "out")
 
 
 def test_top_level_entry_point_runs_the_same_cli():

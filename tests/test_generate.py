@@ -73,7 +73,10 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def assert_greedy_tokens_equal_reference(folder: Path, messages, sizes, penalty: float) -> None:
+def assert_greedy_tokens_equal_reference(
+    folder: Path, messages, sizes, penalty: float | None
+) -> None:
+    """`penalty=None`: neither side is given one (the reference's plain `do_sample=False`)."""
     import torch
 
     images = [image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
@@ -88,7 +91,7 @@ def assert_greedy_tokens_equal_reference(folder: Path, messages, sizes, penalty:
             do_sample=False,
             max_new_tokens=GREEDY_TOKENS,
             suppress_tokens=eos,
-            repetition_penalty=penalty,
+            **({} if penalty is None else {"repetition_penalty": penalty}),
         )
     expected = output[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -104,7 +107,7 @@ def assert_greedy_tokens_equal_reference(folder: Path, messages, sizes, penalty:
         logits_processors=[suppress_tokens(eos)],
     )
     assert result.tokens == expected
-    assert len(set(expected)) > (1 if penalty == 1 else 5)  # a sequence that pins something
+    assert len(set(expected)) > (5 if penalty else 1)  # a sequence that pins something
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -113,8 +116,10 @@ def test_greedy_tokens_equal_reference_generate(checkpoint, case, one_torch_thre
 
 
 def test_plain_greedy_tokens_equal_reference_generate(checkpoint_450m, one_torch_thread):
+    # temperature=0 alone is the reference's do_sample=False: the model cards' repetition
+    # penalty (1.05), a sampling recommendation, does not apply.
     assert_greedy_tokens_equal_reference(
-        checkpoint_450m, [user("Describe this image.", 1)], [(64, 64)], penalty=1.0
+        checkpoint_450m, [user("Describe this image.", 1)], [(64, 64)], penalty=None
     )
 
 
@@ -187,6 +192,17 @@ def test_user_errors_raise_the_one_exception_type(checkpoint_450m):
         generate(model, processor, "Hi", ["/no/such/image.png"], max_tokens=2)
     with pytest.raises(Lfm2VlError):
         generate(model, processor, "Hi", max_tokens=0)
+
+
+@pytest.mark.parametrize("seed", [-5, 2**64, 1.5, "7"])
+def test_seed_outside_the_unsigned_64_bit_range_is_a_user_error(checkpoint_450m, seed):
+    # mx.random.key raised a bare TypeError for these.
+    model, processor = loaded(checkpoint_450m)
+    with pytest.raises(Lfm2VlError, match="seed"):
+        generate(model, processor, "Hi", max_tokens=2, seed=seed)
+    with pytest.raises(Lfm2VlError, match="seed"):
+        Chat(model, processor, max_tokens=2).ask("Hi", seed=seed)
+    assert generate(model, processor, "Hi", max_tokens=2, seed=2**64 - 1).tokens
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from transformers.image_utils import load_image as reference_load_image
 from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
 from transformers.models.lfm2_vl.processing_lfm2_vl import Lfm2VlProcessor
 
+from mlx_lfm2vl import image_processor
 from mlx_lfm2vl.errors import Lfm2VlError
 from mlx_lfm2vl.image_processor import (
     ImageBatch,
@@ -247,6 +248,15 @@ def test_lower_max_image_tokens_also_lowers_tiling_threshold():
     assert default.views_per_image == [1]
     low = compare(image, CONFIGS["450M"], max_image_tokens=64)
     assert (low.image_rows, low.image_cols, low.views_per_image) == ([2], [3], [7])
+
+
+def test_token_budget_examples_in_the_cli_help_hold():
+    # The numbers `--max-image-tokens --help` and ImageProcessorSettings quote.
+    port = ImageProcessor()
+    assert sum(port.num_image_tokens(600, 800)) == 234
+    assert sum(port.num_image_tokens(600, 800, max_image_tokens=64)) == 1590
+    assert port.num_image_tokens(1, 10000) == [1600]  # one view, over the 256 budget
+    compare(make_image(1, 10000, seed=2), CONFIGS["450M"])  # as the reference does
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,8 +651,24 @@ def test_missing_file_raises_clear_error(tmp_path):
 def test_file_that_is_not_an_image_raises_clear_error(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("hello")
-    with pytest.raises(Lfm2VlError, match="Cannot decode"):
+    with pytest.raises(Lfm2VlError, match="Cannot decode") as error:
         load_image(path)
+    assert "notes.jpg" in str(error.value) and "BytesIO" not in str(error.value)
+    with pytest.raises(Lfm2VlError, match="Cannot decode the image bytes") as error:
+        load_image(b"hello")
+    assert "BytesIO" not in str(error.value)
+
+
+def test_folder_passed_as_an_image_is_reported_as_a_folder(tmp_path):
+    with pytest.raises(Lfm2VlError, match="is a folder"):
+        load_image(str(tmp_path))
+
+
+def test_zero_byte_file_is_reported_as_empty(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"")
+    with pytest.raises(Lfm2VlError, match=r"photo.png is empty \(0 bytes\)"):
+        load_image(str(path))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -721,6 +747,43 @@ def test_splitting_off_ignores_tile_bounds_like_reference():
 def test_bad_arrays_and_types_raise_error_naming_the_fix(bad, message):
     with pytest.raises(Lfm2VlError, match=message):
         load_image(bad)
+
+
+def serve(body: bytes):
+    """A running local HTTP server that answers every GET with `body`."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_url_downloads_are_capped(monkeypatch):
+    buffer = io.BytesIO()
+    Image.fromarray(make_image(64, 64, seed=3, kind="noise")).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    server = serve(png)
+    url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
+    try:
+        monkeypatch.setattr(image_processor, "_MAX_URL_BYTES", len(png), raising=False)
+        assert load_image(url).shape == (64, 64, 3)  # at the cap: fine
+        monkeypatch.setattr(image_processor, "_MAX_URL_BYTES", len(png) - 1, raising=False)
+        with pytest.raises(Lfm2VlError, match="larger than .* MB"):
+            load_image(url)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_unreachable_url_raises_clear_error():

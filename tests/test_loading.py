@@ -170,6 +170,24 @@ def test_missing_or_damaged_shards_are_clear_errors(tmp_path, checkpoint_450m):
         load_model(folder)
 
 
+@pytest.mark.parametrize(
+    "index",
+    [
+        "{not json",
+        '{"metadata": {"total_size": 1}}',  # no weight_map
+        '{"weight_map": ["model.safetensors"]}',
+        '{"weight_map": {"lm_head.weight": 5}}',
+        "[]",
+    ],
+    ids=["invalid-json", "no-weight-map", "list", "not-a-file-name", "not-an-object"],
+)
+def test_damaged_shard_index_is_a_clear_error(tmp_path, checkpoint_450m, index):
+    folder = copy_checkpoint(checkpoint_450m, tmp_path / "ckpt")
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(Lfm2VlError, match="index.json is damaged or incomplete"):
+        load_model(folder)
+
+
 def test_folder_without_weights_or_config_is_a_clear_error(tmp_path, checkpoint_450m):
     with pytest.raises(Lfm2VlError, match="config.json"):
         load_model(tmp_path)
@@ -195,6 +213,26 @@ def test_hub_id_that_cannot_be_fetched_says_how_to_pass_a_local_folder(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ERROR could not get 'LiquidAI/LFM2-VL-450M'")
     assert "pass its folder instead" in result.stdout
+
+
+def test_long_hub_errors_are_cut_between_words(monkeypatch):
+    import huggingface_hub
+
+    reason = (
+        "Repository Not Found for url: https://huggingface.co/api/models/LiquidAI/LFM2-VL-9B/"
+        "revision/main. Please make sure you specified the correct `repo_id` and `repo_type`. "
+        "If you are trying to access a private or gated repo, make sure you are authenticated."
+    )
+
+    def unavailable(*args, **kwargs):
+        raise OSError(reason)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unavailable)
+    with pytest.raises(Lfm2VlError) as error:
+        load_model("LiquidAI/LFM2-VL-9B")
+    shown = str(error.value).split("(OSError: ", 1)[1].split(" ...)", 1)[0]
+    assert len(shown) <= 160 and reason.startswith(shown)
+    assert reason[len(shown)] == " "  # the cut falls between two words
 
 
 def test_importing_and_loading_never_imports_torch_or_transformers(checkpoint_450m):

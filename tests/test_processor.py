@@ -414,6 +414,16 @@ def test_unknown_option_names_the_valid_ones(processor_450m):
     assert "use_image_special_tokens" in text
 
 
+def test_text_with_undecodable_bytes_is_a_clear_error(processor_450m):
+    # sys.argv or os.fsdecode keep bytes that are not UTF-8 as lone surrogates; the tokenizer
+    # raised a bare TypeError on them.
+    for prompt in ("caf\udce9", [{"role": "user", "content": "caf\udce9"}]):
+        with pytest.raises(Lfm2VlError, match="'\\\\udce9' at character"):
+            processor_450m(prompt)
+    with pytest.raises(Lfm2VlError, match="not text"):
+        processor_450m.encode("<image>\ud800", [random_image(*SMALL)])
+
+
 def test_bad_options_fail_even_without_images(processor_450m):
     with pytest.raises(Lfm2VlError, match="Unknown option"):
         processor_450m("Hi", do_splitting=False)

@@ -7,7 +7,7 @@ published). Random weights are an imperfect
 proxy for trained ones: their next-token distributions are nearly flat (so KL is small but top-1
 is decided by tiny margins and flips easily), and they have none of the outlier channels trained
 models have. The bounds below are regression guards on this proxy, not predictions for real
-checkpoints; docs/quantization.md has the numbers.
+checkpoints; the README's quantization accuracy tables have the numbers.
 
 Metrics, over a fixed set of small image+text prompts (each recipe vs the float32 model):
 - KL(p_float || p_quant) of next-token distributions, mean over the positions after the image;
@@ -214,7 +214,7 @@ def quantized(source: nn.Module, recipe: str, dequantize: bool, **options) -> nn
 # Tiny fixtures: every recipe with the real quantized kernels.
 
 # Bounds from measurement on the three fixtures (worst fixture, real quantized kernels; table in
-# docs/quantization.md), with margin. Measured worst: uniform-8 KL 3.9e-5, top-1 0.88, cos
+# the README), with margin. Measured worst: uniform-8 KL 3.9e-5, top-1 0.88, cos
 # 0.99994; mixed-4 KL 6.4e-3, top-1 0.33, cos 0.99994; lm-4 KL 8.0e-3, top-1 0.12, cos 1;
 # uniform-4 KL 1.2e-2, top-1 0.27, cos 0.981. KL bounds sit 2-5x above the worst measurement; a
 # broken recipe (a layer with wrong scales, a garbled vision tower) gives KL 5e-2 or more and
@@ -319,7 +319,7 @@ def test_mixed_recipe_beats_uniform_4bit_at_450m_shapes(real_450m):
 
 def test_converted_450m_size_and_load_time(checkpoint_450m_real, tmp_path):
     # The default recipe written to disk at the real shapes: its size is what estimate_bytes
-    # says (the figures in docs/quantization.md come from it), and it loads in seconds.
+    # says (the README's size figures come from it), and it loads in seconds.
     result = convert(checkpoint_450m_real, tmp_path / "out", quantize=True)
     start = time.perf_counter()
     load_model(result.path)

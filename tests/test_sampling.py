@@ -157,6 +157,14 @@ def test_sampling_frequencies_follow_the_warped_distribution():
         dict(temperature=1, top_p=1.5),
         dict(temperature=1, top_k=-2),
         dict(temperature=1, min_p=2),
+        # Not a number, or infinite: every range check must reject these too.
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(temperature=1, top_p=float("nan")),
+        dict(temperature=1, top_p=float("inf")),
+        dict(temperature=1, min_p=float("nan")),
+        dict(temperature=1, min_p=float("inf")),
+        dict(temperature=1, top_k=float("nan")),
     ],
 )
 def test_invalid_sampling_values_raise_the_user_error(bad):
@@ -164,10 +172,25 @@ def test_invalid_sampling_values_raise_the_user_error(bad):
         make_sampler(**bad)
 
 
+@pytest.mark.parametrize("penalty", [0, -1, float("nan"), float("inf"), float("-inf")])
+def test_invalid_repetition_penalty_raises_the_user_error(penalty):
+    with pytest.raises(Lfm2VlError, match="repetition_penalty"):
+        make_logits_processors(penalty)
+
+
+def penalty_applied(settings: SamplingSettings) -> float:
+    """The repetition penalty `settings` apply (1 when none), measured on a seen token."""
+    processors = settings.logits_processors()
+    if not processors:
+        return 1.0
+    [penalize] = processors
+    return 2.0 / penalize(mx.array([0]), mx.array([[2.0, 1.0]]))[0, 0].item()
+
+
 def test_defaults_are_the_model_card_values_unless_generation_config_sets_them(tmp_path):
-    assert SamplingSettings.from_folder(tmp_path) == SamplingSettings(
-        temperature=0.1, min_p=0.15, repetition_penalty=1.05
-    )
+    defaults = SamplingSettings.from_folder(tmp_path)
+    assert defaults == SamplingSettings(temperature=0.1, min_p=0.15)
+    assert penalty_applied(defaults) == pytest.approx(1.05)
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"eos_token_id": 7, "temperature": 0.7, "top_k": 20})
     )
@@ -179,6 +202,17 @@ def test_defaults_are_the_model_card_values_unless_generation_config_sets_them(t
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(Lfm2VlError, match="generation_config.json"):
         SamplingSettings.from_folder(tmp_path)
+
+
+def test_greedy_applies_a_repetition_penalty_only_when_one_is_set():
+    # The reference's do_sample=False: the model cards' 1.05 is a sampling recommendation.
+    assert penalty_applied(SamplingSettings().override(temperature=0)) == 1.0
+    explicit = SamplingSettings().override(temperature=0, repetition_penalty=1.3)
+    assert penalty_applied(explicit) == pytest.approx(1.3)
+    assert penalty_applied(SamplingSettings.from_generation_config({"do_sample": False})) == 1.0
+    config = {"do_sample": False, "repetition_penalty": 1.2}  # as transformers: it applies
+    assert penalty_applied(SamplingSettings.from_generation_config(config)) == pytest.approx(1.2)
+    assert penalty_applied(SamplingSettings().override(temperature=0.7)) == pytest.approx(1.05)
 
 
 def test_checkpoint_generation_config_sets_the_api_sampling_defaults(checkpoint_450m, tmp_path):
