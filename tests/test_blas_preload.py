@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lfm2vl.cpu import blas as cpu_backend
+from mlx_lfm2vl.cpu import blas
 from mlx_lfm2vl.errors import Lfm2VlError
 
 pytestmark = [
@@ -205,7 +205,7 @@ print("ok")
 @pytest.fixture(scope="module")
 def preload(tmp_path_factory) -> str:
     try:
-        return cpu_backend.blas_preload(tmp_path_factory.mktemp("blas"))
+        return blas.blas_preload(tmp_path_factory.mktemp("blas"))
     except Lfm2VlError as error:  # in CI a missing OpenBLAS or compiler is a failure, not a skip
         pytest.fail(f"cannot build the BLAS preload here: {error}")
 
@@ -267,35 +267,35 @@ def test_without_the_forwarder_the_bf16_tag_is_never_offered(preload):
 def test_preload_line_puts_the_forwarder_in_front_of_openblas(preload):
     forwarder, openblas = preload.split()
     assert Path(forwarder).name.startswith("libgemv_forward-") and Path(forwarder).exists()
-    assert openblas == str(cpu_backend.find_openblas())
+    assert openblas == str(blas.find_openblas())
 
 
 def test_forwarder_is_built_once_and_reused(tmp_path):
-    first = cpu_backend.build_gemv_forward(tmp_path)
+    first = blas.build_gemv_forward(tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert cpu_backend.build_gemv_forward(tmp_path) == first
+    assert blas.build_gemv_forward(tmp_path) == first
     assert first.stat().st_mtime_ns == stamp
 
 
 def test_missing_compiler_is_a_clear_error_that_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(Lfm2VlError, match="set CC"):
-        cpu_backend.build_gemv_forward(tmp_path / "cache")
+        blas.build_gemv_forward(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_failed_compile_is_a_clear_error_that_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(Lfm2VlError, match="building the gemv forwarder failed"):
-        cpu_backend.build_gemv_forward(tmp_path)
+        blas.build_gemv_forward(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_openblas_names_the_package_to_install(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_OPENBLAS_CANDIDATES", ["/nonexistent/libopenblas.so.0"])
-    monkeypatch.setattr(cpu_backend.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(blas, "_OPENBLAS_CANDIDATES", ["/nonexistent/libopenblas.so.0"])
+    monkeypatch.setattr(blas.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(Lfm2VlError, match="apt-get install libopenblas0-pthread"):
-        cpu_backend.find_openblas()
+        blas.find_openblas()
 
 
 def test_command_line_prints_the_preload_line_or_one_error_line(tmp_path):
@@ -385,7 +385,7 @@ def test_relaunch_preloads_the_blas_replays_the_command_and_restores_ld_preload(
 
 def test_an_unwritable_cache_folder_is_a_clear_error_and_the_cli_still_runs(tmp_path):
     with pytest.raises(Lfm2VlError, match="XDG_CACHE_HOME"):
-        cpu_backend.build_gemv_forward(Path("/dev/null/cache"))
+        blas.build_gemv_forward(Path("/dev/null/cache"))
     env = dict(os.environ, XDG_CACHE_HOME="/dev/null/cache", LD_PRELOAD="")
     command = [sys.executable, "-m", "mlx_lfm2vl.generate", "--help"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -399,4 +399,4 @@ def test_an_unwritable_cache_folder_is_a_clear_error_and_the_cli_still_runs(tmp_
 
 def test_a_compiler_given_with_options_in_cc_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "cc -Wall")
-    assert cpu_backend.build_gemv_forward(tmp_path).exists()
+    assert blas.build_gemv_forward(tmp_path).exists()

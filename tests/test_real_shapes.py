@@ -24,6 +24,6 @@ def test_logits_match_reference_at_real_450m_shapes(checkpoint_450m_real):
     with torch.no_grad():
         expected = reference(**ref_inputs).logits[0]
     del reference
-    actual = load_model(checkpoint_450m_real)(**port_inputs(ref_inputs))[0]
+    actual = load_model(checkpoint_450m_real, dtype="float32")(**port_inputs(ref_inputs))[0]
     error, scale = max_error(actual, expected)
     assert error <= 1e-4 * max(1.0, scale), f"max abs error {error:.3g} at scale {scale:.3g}"
