@@ -6,7 +6,7 @@ python examples/caption.py photo.jpg --model /path/to/LFM2-VL-1.6B --prompt "Wha
 
 import argparse
 
-from mlx_lfm2vl import Lfm2VlError, load, stream_generate
+from mlx_lfm2vl import Lfm2VlError, load, relaunch_with_fast_blas, stream_generate
 
 
 def main() -> None:
@@ -36,4 +36,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_fast_blas()  # Linux: restart once with a fast BLAS for MLX's CPU backend
     main()

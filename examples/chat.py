@@ -11,7 +11,7 @@ model's cache.
 
 import argparse
 
-from mlx_lfm2vl import Chat, Lfm2VlError, load
+from mlx_lfm2vl import Chat, Lfm2VlError, load, relaunch_with_fast_blas
 from mlx_lfm2vl.image_processor import load_image
 
 
@@ -73,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_fast_blas()  # Linux: restart once with a fast BLAS for MLX's CPU backend
     main()

@@ -55,6 +55,7 @@ __all__ = [
     "__version__",
     "generate",
     "load",
+    "relaunch_with_fast_blas",
     "stream_generate",
 ]
 
@@ -73,3 +74,17 @@ def load(
 
     folder = resolve_model_path(path_or_id)
     return load_model(folder, dtype=dtype), Processor.from_pretrained(folder)
+
+
+def relaunch_with_fast_blas() -> None:
+    """For scripts on Linux: restart this program once with OpenBLAS and the port's BLAS
+    forwarder preloaded, which MLX's CPU backend needs to be fast (a preload must be in place
+    before the process starts). Call it first thing in `if __name__ == "__main__":`; it replaces
+    the process (same command, same options) and returns in the restarted one. Does nothing on
+    macOS, when a system BLAS is already loaded, or with MLX_LFM2VL_BLAS_PRELOAD=0."""
+    import sys
+
+    if sys.platform == "linux":
+        from .cpu.blas import relaunch_with_blas_preload
+
+        relaunch_with_blas_preload()

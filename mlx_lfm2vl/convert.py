@@ -622,9 +622,20 @@ def main(argv: list[str] | None = None) -> None:
         show_default=True,
         help="Affine group size; layers it does not divide get a smaller one or stay float.",
     )
-    @click.option("--q-mode", type=click.Choice(MODES), default="affine", show_default=True)
     @click.option(
-        "--q-recipe", type=click.Choice(list(RECIPES)), default=None, help="Bits per model part."
+        "--q-mode",
+        type=click.Choice(MODES),
+        default="affine",
+        show_default=True,
+        help="MLX's quantization format: affine (scale and bias per group of --q-group-size), or "
+        "a float format with its own fixed group size; a recipe's 8-bit parts use mxfp8 then.",
+    )
+    @click.option(
+        "--q-recipe",
+        type=click.Choice(list(RECIPES)),
+        default=None,
+        help="Bits per model part: mixed-4 (LM 4, the rest 8), uniform-4, lm-4 (LM and "
+        "embedding 4, vision and projector float), uniform-8.",
     )
     @click.option(
         "--force",

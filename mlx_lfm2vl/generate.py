@@ -778,10 +778,9 @@ def run() -> None:
     """The program (`python -m mlx_lfm2vl.generate`, the `mlx-lfm2vl-generate` script): on
     Linux it first relaunches itself with a fast BLAS preloaded (`cpu.blas`); it replaces the
     process, so apps call `main()` instead."""
-    if sys.platform == "linux":
-        from .cpu.blas import relaunch_with_blas_preload
+    from . import relaunch_with_fast_blas
 
-        relaunch_with_blas_preload()
+    relaunch_with_fast_blas()
     sys.exit(main())
 
 
