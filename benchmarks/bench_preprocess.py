@@ -1,6 +1,6 @@
 """Image preprocessing time: this port (NumPy) against the reference `Lfm2VlImageProcessor`.
 
-Run by hand (needs the `reference` extra):
+Run by hand (needs the `test` extra):
 
     python benchmarks/bench_preprocess.py [--runs 7] [--config path/to/preprocessor_config.json]
 

@@ -6,7 +6,7 @@ Run by hand, never part of the test suite. Setup (once):
     apt-get install libopenblas0-pthread
     python3 -m venv /work/bench-venv
     /work/bench-venv/bin/pip install mlx-vlm "mlx[cpu]" -e /work/main   # the peer and this port
-    # a second environment with torch + transformers (the project's `reference` extra) builds the
+    # a second environment with torch + transformers (the project's `test` extra) builds the
     # random-weight checkpoints and runs the transformers column; /work/venv is one
 
 Run (the same BLAS for every contender; the script records which one MLX loaded). The preload

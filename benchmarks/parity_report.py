@@ -1,6 +1,6 @@
 """Measured max abs errors of the port against the reference, per component and fixture.
 
-Run by hand (needs the `reference` extra):  python benchmarks/parity_report.py [--real-450m]
+Run by hand (needs the `test` extra):  python benchmarks/parity_report.py [--real-450m]
 Builds the test fixtures in a temporary folder and prints a Markdown table.
 """
 

@@ -67,8 +67,8 @@ GROUP_SIZES = (32, 64, 128)
 
 # Quantizable layers that must stay float whatever the recipe: the vision position table is read
 # as a matrix (resized to each view's grid by a matrix product), never looked up as an embedding;
-# the patch embedding's weight dtype is the dtype the model casts pixel values to (a quantized
-# one is uint32), and at 0.6-0.9M parameters it is not worth a special case.
+# the patch embedding reads raw pixel patches, and at 0.6-0.9M parameters it is not worth
+# quantizing.
 _NEVER_QUANTIZED = (
     "vision_tower.embeddings.position_embedding",
     "vision_tower.embeddings.patch_embedding",

@@ -205,18 +205,22 @@ def prefill(
     cache: Cache | None = None,
     step_size: int = DEFAULT_PREFILL_STEP,
     should_stop: StopCallback | None = None,
+    image_features: mx.array | None = None,
 ) -> mx.array | None:
     """Run a prompt into `cache` (extending what it holds); logits (1, vocab) of its last token.
 
     The prompt goes through the backbone in chunks of `step_size` rows; a chunk appended to a
     cache attends to everything before it (MLX's "causal" mask aligns the chunk's last query
-    with the last key). Returns None when `should_stop` fires between chunks.
+    with the last key). Returns None when `should_stop` fires between chunks. Images come as
+    pixels, or as features already encoded (`Lfm2VlModel.get_image_features`).
     """
     if cache is None:
         cache = model.make_cache()
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
-    embeddings = model.get_input_embeddings(input_ids, pixel_values, spatial_shapes)
+    embeddings = model.get_input_embeddings(
+        input_ids, pixel_values, spatial_shapes, image_features=image_features
+    )
     L = embeddings.shape[1]
     start = 0
     while L - start > step_size:
@@ -229,6 +233,39 @@ def prefill(
     logits = model.lm_head_logits(hidden[:, -1:, :])[:, 0, :]
     mx.eval(logits, [c.state for c in cache])
     return logits
+
+
+class TokenSampler:
+    """One request's sampling: its sampler, its logits processors with the token context they
+    see (`history`: the prompt ids, then every sampled token), and a PRNG key of its own."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        history: mx.array | None = None,
+        key: mx.array | None = None,
+    ):
+        self.sampler = sampler
+        self.logits_processors = list(logits_processors)
+        self.history = history if history is not None else mx.zeros((0,), mx.int32)
+        self.key = key if key is not None else _key(None)
+
+    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """Logits (1, vocab) -> the token (1,) int32 and the log-probabilities (1, vocab), lazy:
+        a caller who never reads the log-probabilities never computes them (a log-softmax over
+        the vocabulary, ~1-2 ms of a ~55 ms float32 CPU step at the 450M shapes)."""
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for processor in self.logits_processors:
+            logits = processor(self.history, logits)
+        self.key, subkey = mx.random.split(self.key)
+        return self.sampler(logits, subkey).astype(mx.int32), logprobs
+
+    def append(self, token: mx.array) -> None:
+        """Add a sampled token (1,) to the context the logits processors see."""
+        if self.logits_processors:
+            self.history = mx.concatenate([self.history, token])
 
 
 def generate_step(
@@ -246,24 +283,9 @@ def generate_step(
 
     `history` is the token context the logits processors see (the prompt ids, for the
     repetition penalty); sampled tokens are appended to it. `key` seeds the sampler. The
-    logprobs are left lazy: the step only computes the token, and a caller who reads the
-    logprobs pays for them then (a log-softmax over the vocabulary, ~1-2 ms of a ~55 ms
-    float32 CPU step at the 450M shapes).
+    logprobs are left lazy (see `TokenSampler`).
     """
-    if key is None:
-        key = mx.random.key(random.SystemRandom().getrandbits(63))
-    if history is None:
-        history = mx.zeros((0,), mx.int32)
-
-    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal key
-        logits = logits.astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        for processor in logits_processors:
-            logits = processor(history, logits)
-        key, subkey = mx.random.split(key)
-        return sampler(logits, subkey).astype(mx.int32), logprobs
-
+    sample = TokenSampler(sampler, logits_processors, history, key)
     y, logprobs = sample(logits)
     mx.async_eval(y)
     n = 0
@@ -272,8 +294,7 @@ def generate_step(
         if max_tokens is not None and n >= max_tokens:
             yield y.item(), logprobs[0]
             return
-        if logits_processors:
-            history = mx.concatenate([history, y])
+        sample.append(y)
         next_y, next_logprobs = sample(model(y[None], cache=cache)[:, -1, :])
         # Queue step n+1 before handing out token n: the device runs while the caller works.
         mx.async_eval(next_y)
@@ -332,27 +353,15 @@ def _run(
         raise Lfm2VlError(f"max_tokens must be at least 1, got {max_tokens}")
     sampler = settings.sampler()
     processors = settings.logits_processors() + list(logits_processors)
-    prompt_tokens = sum(len(p.input_ids) for p in parts)
-    image_tokens = sum(int((p.input_ids == image_token_id).sum()) for p in parts)
-    eos = set(eos_token_ids)
-
-    prefill_start = time.perf_counter()
-    first_time = prompt_time = 0.0
-    n = 0
-
-    def stats() -> GenerationStats:
-        now = time.perf_counter()
-        return GenerationStats(
-            prompt_tokens=prompt_tokens,
-            image_tokens=image_tokens,
-            generation_tokens=n,
-            time_to_first_token=first_time - start_time if n else 0.0,
-            prompt_time=prompt_time,
-            prompt_tps=prompt_tokens / prompt_time if prompt_time > 0 else 0.0,
-            generation_tps=(n - 1) / (now - first_time) if n > 1 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-        )
-
+    answer = Answer(
+        tokenizer,
+        eos_token_ids,
+        stop,
+        max_tokens,
+        prompt_tokens=sum(len(p.input_ids) for p in parts),
+        image_tokens=sum(int((p.input_ids == image_token_id).sum()) for p in parts),
+        start_time=start_time,
+    )
     logits = None
     for i, part in enumerate(parts):
         logits = prefill(
@@ -365,13 +374,11 @@ def _run(
             should_stop,
         )
         if logits is None:
-            yield GenerationChunk("", None, None, "cancelled", stats())
+            yield answer.cancelled()
             return
         if i == 0 and after_prefix is not None:
             after_prefix(cache)
 
-    detokenizer = StreamingDetokenizer(tokenizer)
-    stopper = StopStrings(stop)
     steps = generate_step(
         model,
         logits,
@@ -383,24 +390,77 @@ def _run(
         max_tokens=max_tokens,
     )
     for token, logprobs in steps:
-        n += 1
-        if n == 1:
-            first_time = time.perf_counter()
-            prompt_time = first_time - prefill_start
-        finish = None
-        if token in eos:
-            text, finish = stopper.feed(detokenizer.flush())[0] + stopper.flush(), "stop"
-        else:
-            text, hit = stopper.feed(detokenizer.add(token))
-            if hit:
-                finish = "stop"
-            elif n >= max_tokens or _is_set(should_stop):
-                text += stopper.feed(detokenizer.flush())[0] + stopper.flush()
-                finish = "length" if n >= max_tokens else "cancelled"
-        yield GenerationChunk(text, token, logprobs, finish, stats())
-        if finish is not None:
+        chunk = answer.add(token, logprobs, cancelled=_is_set(should_stop))
+        yield chunk
+        if chunk.finish_reason is not None:
             steps.close()
             return
+
+
+class Answer:
+    """One request's answer as its tokens arrive: text (streaming detokenizer, stop strings),
+    the finish reason and the statistics. `add()` turns each sampled token into a chunk."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        eos_token_ids: Sequence[int],
+        stop: Sequence[str],
+        max_tokens: int,
+        *,
+        prompt_tokens: int,
+        image_tokens: int,
+        start_time: float,
+    ):
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.stopper = StopStrings(stop)
+        self.eos = set(eos_token_ids)
+        self.max_tokens = max_tokens
+        self.prompt_tokens, self.image_tokens = prompt_tokens, image_tokens
+        self.start_time = start_time
+        self.prefill_start = time.perf_counter()
+        self.first_time = self.prompt_time = 0.0
+        self.tokens: list[int] = []
+
+    def stats(self) -> GenerationStats:
+        n = len(self.tokens)
+        now = time.perf_counter()
+        return GenerationStats(
+            prompt_tokens=self.prompt_tokens,
+            image_tokens=self.image_tokens,
+            generation_tokens=n,
+            time_to_first_token=self.first_time - self.start_time if n else 0.0,
+            prompt_time=self.prompt_time,
+            prompt_tps=self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0,
+            generation_tps=(n - 1) / (now - self.first_time) if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+    def add(self, token: int, logprobs: mx.array | None, cancelled: bool) -> GenerationChunk:
+        """The chunk for the next sampled token; its finish_reason is set when the answer ends
+        with it (end of sequence, a stop string, max_tokens, or `cancelled`)."""
+        self.tokens.append(token)
+        if len(self.tokens) == 1:
+            self.first_time = time.perf_counter()
+            self.prompt_time = self.first_time - self.prefill_start
+        finish = None
+        if token in self.eos:
+            text, finish = self._flush(), "stop"
+        else:
+            text, hit = self.stopper.feed(self.detokenizer.add(token))
+            if hit:
+                finish = "stop"
+            elif len(self.tokens) >= self.max_tokens or cancelled:
+                text += self._flush()
+                finish = "length" if len(self.tokens) >= self.max_tokens else "cancelled"
+        return GenerationChunk(text, token, logprobs, finish, self.stats())
+
+    def cancelled(self) -> GenerationChunk:
+        """The last chunk of an answer cancelled before its first token, or between tokens."""
+        return GenerationChunk(self._flush(), None, None, "cancelled", self.stats())
+
+    def _flush(self) -> str:
+        return self.stopper.feed(self.detokenizer.flush())[0] + self.stopper.flush()
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -729,7 +789,7 @@ def _cli():
         if verbose and chunk is not None:
             dtype = str(loaded_model.language_model.embedding_norm.weight.dtype).split(".")[-1]
             device = mx.default_device().type.name
-            # Float32 compute may keep the stored bf16 matmul weights (loading._kept_bf16_weights).
+            # Float32 compute may keep the stored bf16 matmul weights (cpu.kept_bf16_weights).
             table = loaded_model.language_model.embed_tokens.weight.dtype
             kept = table == mx.bfloat16 and dtype == "float32"
             weights = ", LM weights bf16 as stored" if kept else ""

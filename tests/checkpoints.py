@@ -9,7 +9,8 @@ field spellings of each published revision, and the processor files.
 The real `tokenizer.json` (4.7 MB) is not available either: `build_tokenizer` writes a byte-level
 BPE tokenizer whose special tokens sit at the published ids (`<image>` = 396, tiles 397-496, ...).
 
-Used by `tests/conftest.py` and by `benchmarks/`; importing it needs the `reference` extra.
+Used by `tests/conftest.py` and by `benchmarks/`; importing it needs the `test` extra
+(torch, transformers).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ published). Random weights are an imperfect
 proxy for trained ones: their next-token distributions are nearly flat (so KL is small but top-1
 is decided by tiny margins and flips easily), and they have none of the outlier channels trained
 models have. The bounds below are regression guards on this proxy, not predictions for real
-checkpoints; the README's quantization accuracy tables have the numbers.
+checkpoints; docs/quantization.md has the numbers.
 
 Metrics, over a fixed set of small image+text prompts (each recipe vs the float32 model):
 - KL(p_float || p_quant) of next-token distributions, mean over the positions after the image;

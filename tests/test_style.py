@@ -56,3 +56,20 @@ def test_repository_files_cited_in_the_code_exist():
         if not (ROOT / name).exists()
     }
     assert not missing, sorted(missing)
+
+
+def test_links_and_paths_in_the_readme_and_docs_exist():
+    """Every relative Markdown link, and every repository path in backquotes, of README.md and
+    docs/ names a file or folder of the repository."""
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    quoted = re.compile(r"`((?:docs|tests|benchmarks|examples|mlx_lfm2vl)/[\w./-]*)`")
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for target in link.findall(text):
+            if "://" not in target and not (page.parent / target).exists():
+                missing.append(f"{page.name}: {target}")
+        for path in quoted.findall(text):
+            if not (ROOT / path.rstrip(".")).exists():
+                missing.append(f"{page.name}: {path}")
+    assert not missing, missing

@@ -3,9 +3,9 @@
 MLX's CPU wheel runs float32 matmuls on a bundled reference BLAS (~4 GFLOP/s). Preloading the
 system's OpenBLAS makes them ~50x faster; preloading `native/gemv_forward.c` in front of it also
 sends one-row products (a decode step) to gemv and multiplies bf16 weights in float32 (see its
-header). A preload must be in place before the process starts: the command lines relaunch
-themselves with it (`relaunch_with_blas_preload`), and `python -m mlx_lfm2vl.cpu` prints the
-line for everyone else.
+header). A preload must be in place before the process starts: the generate command line and
+scripts that call `mlx_lfm2vl.relaunch_with_fast_blas` relaunch themselves with it
+(`relaunch_with_blas_preload`), and `python -m mlx_lfm2vl.cpu` prints the line for everyone else.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def slow_blas_warning() -> str | None:
         fix = "install OpenBLAS (apt-get install libopenblas0-pthread), then " + fix
     return (
         "MLX is using its bundled reference BLAS, which makes float32 matmuls ~50x slower: "
-        f"{fix} (the command lines do this themselves)"
+        f"{fix}, or call mlx_lfm2vl.relaunch_with_fast_blas() first thing"
     )
 
 

@@ -141,8 +141,10 @@ class CpuAttention(lfm2.Attention):
         stack = self.current_stack()
         return tuple(stack(x)) if stack is not None else super().qkv(x)
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: str | None) -> mx.array:
-        if mask not in (None, "causal"):
+    def attend(
+        self, q: mx.array, k: mx.array, v: mx.array, mask: str | mx.array | None
+    ) -> mx.array:
+        if isinstance(mask, mx.array):  # rows of a batch: MLX's attention with their mask
             return super().attend(q, k, v, mask)
         return ops.attention(q, k, v, self.scale, causal=mask == "causal")
 

@@ -130,7 +130,8 @@ class CpuLfm2Model(Lfm2Model):
         self.steps = _Steps(self.layers)
 
     def __call__(self, inputs_embeds: mx.array, cache: list | None = None) -> mx.array:
-        if cache is None or inputs_embeds.shape[:2] != (1, 1) or self.steps is None:
+        one_request = cache is not None and all(type(c) in (KVCache, ConvCache) for c in cache)
+        if not one_request or inputs_embeds.shape[:2] != (1, 1) or self.steps is None:
             return super().__call__(inputs_embeds, cache)
         h = inputs_embeds
         positions = [c.offset for c in cache if isinstance(c, KVCache)]

@@ -61,9 +61,12 @@ class Attention(nn.Module):
         values = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return self.rope(queries, offset=offset), self.rope(keys, offset=offset), values
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: str | None) -> mx.array:
+    def attend(
+        self, q: mx.array, k: mx.array, v: mx.array, mask: str | mx.array | None
+    ) -> mx.array:
         """Scaled dot-product attention (B, Hq, L, d); a "causal" mask aligns the last query
-        with the last key, so it also covers a chunk of prompt appended to a cache."""
+        with the last key, so it also covers a chunk of prompt appended to a cache; an array
+        mask (B, 1, L, S) says which keys each query sees."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
     def output(self, attended: mx.array) -> mx.array:
@@ -71,8 +74,9 @@ class Attention(nn.Module):
         return self.out_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def __call__(
-        self, x: mx.array, mask: str | None = None, cache: KVCache | None = None
+        self, x: mx.array, mask: str | mx.array | None = None, cache: KVCache | None = None
     ) -> mx.array:
+        # A cache of several rows gives each row's own position (B,) (`BatchKVCache.offset`).
         queries, keys, values = self.queries_keys_values(x, cache.offset if cache else 0)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
@@ -144,7 +148,7 @@ class DecoderLayer(nn.Module):
         self.operator_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
-    def __call__(self, x: mx.array, mask: str | None = None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask: str | mx.array | None = None, cache=None) -> mx.array:
         if self.is_attention_layer:
             mixed = self.self_attn(self.operator_norm(x), mask, cache)
         else:
@@ -167,9 +171,15 @@ class Lfm2Model(nn.Module):
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, inputs_embeds: mx.array, cache: list | None = None) -> mx.array:
-        # One query needs no mask; "causal" also covers a chunk appended to a cache.
-        mask = "causal" if inputs_embeds.shape[1] > 1 else None
+        L = inputs_embeds.shape[1]
+        # One query needs no mask; "causal" also covers a chunk appended to a cache. A cache of
+        # several rows of different lengths masks each row's padding (`BatchKVCache`).
+        mask = "causal" if L > 1 else None
         cache = cache if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            if layer.is_attention_layer and layer_cache is not None:
+                mask = layer_cache.make_mask(L)
+                break
         h = inputs_embeds
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)

@@ -66,14 +66,21 @@ class Lfm2VlModel(nn.Module):
         input_ids: mx.array,
         pixel_values: mx.array | None = None,
         spatial_shapes=None,
+        image_features: mx.array | None = None,
     ) -> mx.array:
-        """Token embeddings with image features in the `<image>` slots, shape (1, L, D)."""
+        """Token embeddings with image features in the `<image>` slots, shape (1, L, D).
+
+        The features come from `pixel_values` and `spatial_shapes`, or ready-made
+        (`image_features`, from `get_image_features`: several requests' views encoded at once).
+        """
         embeddings = self.language_model.embed_tokens(input_ids)
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             return embeddings
         if input_ids.shape[0] != 1:
             raise Lfm2VlError("prompts with images run one at a time (batch size 1)")
-        features = self.get_image_features(pixel_values, spatial_shapes)
+        features = image_features
+        if features is None:
+            features = self.get_image_features(pixel_values, spatial_shapes)
         ids = np.asarray(input_ids[0])
         slots = np.flatnonzero(ids == self.config.image_token_id)
         if len(slots) != features.shape[0]:
