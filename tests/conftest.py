@@ -127,3 +127,27 @@ def checkpoint_450m_real(checkpoint_root) -> Path:
     if name not in _built:
         _built[name] = build_checkpoint(name, checkpoint_root / name, dtype="bfloat16")
     return _built[name]
+
+
+@pytest.fixture(scope="session")
+def talking_checkpoint(checkpoint_450m, tmp_path_factory) -> Path:
+    """The 450M-like fixture, made to write real text: random weights mostly pick ids the small
+    fixture tokenizer does not have (they decode to nothing), so the embedding rows (the tied LM
+    head) of those ids and of the special tokens are zeroed. For the command-line tests, which
+    compare text."""
+    import shutil
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    embeddings = "model.language_model.embed_tokens.weight"
+    folder = tmp_path_factory.mktemp("talking") / "talking"
+    shutil.copytree(checkpoint_450m, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    known = np.zeros(weights[embeddings].shape[0], bool)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    special = set(tokenizer.get_added_tokens_decoder())
+    known[[i for i in tokenizer.get_vocab().values() if i < known.size and i not in special]] = 1
+    weights[embeddings] = weights[embeddings] * mx.array(known[:, None].astype(np.float32))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    return folder

@@ -1,9 +1,7 @@
 """`python -m mlx_lfm2vl.generate` end to end, in a subprocess: exit codes, stdout, stderr.
 
-The answer is compared with the Python API under the same options. Random weights mostly pick
-ids the small fixture tokenizer does not have (they decode to nothing), so the CLI runs on a copy
-of the 450M-like fixture whose embedding rows (the tied LM head) for those ids and for the
-special tokens are zero: the model then writes real text.
+The answer is compared with the Python API under the same options, on `talking_checkpoint`
+(conftest.py), a fixture that writes real text.
 """
 
 from __future__ import annotations
@@ -14,30 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
 from mlx_lfm2vl import generate, load
-
-EMBEDDINGS = "model.language_model.embed_tokens.weight"
-
-
-@pytest.fixture(scope="module")
-def talking_checkpoint(checkpoint_450m, tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer
-
-    folder = tmp_path_factory.mktemp("cli") / "talking"
-    shutil.copytree(checkpoint_450m, folder)
-    weights = mx.load(str(folder / "model.safetensors"))
-    known = np.zeros(weights[EMBEDDINGS].shape[0], bool)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    special = set(tokenizer.get_added_tokens_decoder())
-    known[[i for i in tokenizer.get_vocab().values() if i < known.size and i not in special]] = 1
-    weights[EMBEDDINGS] = weights[EMBEDDINGS] * mx.array(known[:, None].astype(np.float32))
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
-    return folder
 
 
 @pytest.fixture(scope="module")
