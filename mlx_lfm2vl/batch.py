@@ -401,3 +401,11 @@ class BatchWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    # `python -m mlx_lfm2vl.batch` is the batch command line. Run the package's copy of it (and
+    # so of this engine), not this second `__main__` copy, so there is one set of classes.
+    from mlx_lfm2vl.batch_cli import run
+
+    run()
