@@ -1,19 +1,20 @@
-"""Caption every image in a folder, with a progress bar; writes one JSON line per image.
+"""Caption every image in a folder with `batch_generate`; writes one JSON line per image.
 
     python examples/batch_caption.py photos/ captions.jsonl
     python examples/batch_caption.py photos/ captions.jsonl --prompt "List the objects." --greedy
 
-The model is loaded once; images are processed one at a time. Unreadable files are reported in
-the output (with an "error" field) and do not stop the batch.
+The model is loaded once and the images are decoded together, several rows per step. Every
+image is read before any is captioned, so an unreadable one stops the script; for large folders,
+error rows, resuming and several machines, use the command line:
+`python -m mlx_lfm2vl.batch --images photos/ --prompt "..." --output captions.jsonl`.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-import click
-
-from mlx_lfm2vl import Lfm2VlError, generate, load, relaunch_with_fast_blas
+from mlx_lfm2vl import Lfm2VlError, load, relaunch_with_fast_blas
+from mlx_lfm2vl.batch import batch_generate
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -36,28 +37,21 @@ def main() -> None:
         ) from None
     if not images:
         raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.folder}")
-    try:
-        model, processor = load(args.model)
-    except Lfm2VlError as e:
-        raise SystemExit(f"error: {e}") from None
     options = {"max_tokens": args.max_tokens}
     if args.greedy:
         options["temperature"] = 0.0
+    try:
+        model, processor = load(args.model)
+        requests = [{"prompt": args.prompt, "images": [path]} for path in images]
+        results = batch_generate(model, processor, requests, **options)
+    except Lfm2VlError as e:  # names the request: "request 3: Cannot decode ..."
+        raise SystemExit(f"error: {e}") from None
 
-    generated = seconds = 0.0
-    with args.output.open("w") as out, click.progressbar(images, label="captioning") as bar:
-        for path in bar:
-            try:
-                result = generate(model, processor, args.prompt, [path], **options)
-            except Lfm2VlError as e:
-                out.write(json.dumps({"image": str(path), "error": str(e)}) + "\n")
-                continue
+    with args.output.open("w") as out:
+        for path, result in zip(images, results, strict=True):
             out.write(json.dumps({"image": str(path), "caption": result.text.strip()}) + "\n")
-            generated += result.stats.generation_tokens
-            if result.stats.generation_tps:
-                seconds += result.stats.generation_tokens / result.stats.generation_tps
-    speed = f", {generated / seconds:.1f} tokens/s" if seconds else ""
-    print(f"{len(images)} images -> {args.output}{speed}")
+    tokens = sum(r.stats.generation_tokens for r in results)
+    print(f"{len(images)} images -> {args.output} ({tokens} tokens)")
 
 
 if __name__ == "__main__":
