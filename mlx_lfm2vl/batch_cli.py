@@ -41,6 +41,7 @@ from .generate import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 if TYPE_CHECKING:
     from .batch import BatchEngine
 
+# Each row holds a KV cache of its own; 8 rows already share each read of the weights 8 ways.
 DEFAULT_MAX_ROWS = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Seconds between fsyncs of the output: a killed process loses nothing written (the page cache
@@ -99,7 +100,12 @@ def find_images(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         folder = Path(pattern)
         if folder.is_dir():
-            matches = [str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            try:
+                matches = [str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            except OSError as e:
+                raise Lfm2VlError(f"cannot list --images {pattern} ({e.strerror})") from None
+        elif folder.is_file():  # a file name that glob would misread ("photo[1].jpg")
+            matches = [pattern]
         else:
             matches = glob.glob(pattern, recursive=True)
         matches = sorted(m for m in matches if Path(m).is_file())
@@ -642,24 +648,7 @@ def _cli():
                 raise Lfm2VlError(f"{flag} is not UTF-8 text: pass it in UTF-8")
         if not output.parent.is_dir():
             raise Lfm2VlError(f"--output {output}: folder {output.parent} does not exist")
-        if requests_file is not None:
-            if output.exists() and output.resolve() == requests_file.resolve():
-                raise Lfm2VlError("--output is the --requests file: write the results elsewhere")
-            ids = scan_requests(requests_file)
-            folder = requests_file.parent
-
-            def requests() -> Iterator[Request]:
-                lines = _json_lines(requests_file)
-                for index, (number, value) in enumerate(lines):
-                    yield request_from_json(index, number, value, folder, prompt)
-
-        else:
-            ids = find_images(patterns)
-
-            def requests() -> Iterator[Request]:
-                for index, path in enumerate(ids):
-                    yield Request(index, path, prompt, [path], [path])
-
+        ids, requests = _inputs(patterns, requests_file, prompt, output)
         defaults: dict[str, Any] = {"max_tokens": max_tokens}
         for name, value in (
             ("temperature", temperature),
@@ -701,11 +690,7 @@ def _cli():
                     f"{writing} (made by rank 0) is not on this host: under mlx.launch on "
                     "several hosts, --output must be in a folder they all share"
                 )
-        mine = [
-            i
-            for i, request_id in enumerate(ids)
-            if i % size == rank and _key(request_id) not in done
-        ]
+        mine = {i for i, key in enumerate(map(_key, ids)) if i % size == rank and key not in done}
         engine = folder_path = None
         if mine and failure is None:
             try:
@@ -722,12 +707,12 @@ def _cli():
         totals = Totals()
         if engine is not None:
             totals = _run_with_progress(
-                engine, requests, set(mine), writing, defaults, system, quiet, rank, size
+                engine, requests, mine, writing, defaults, system, quiet, rank, size
             )
-        elapsed = time.perf_counter() - start
         todo, rows, errors, tokens = _all_sum(
             group, [len(mine), totals.rows, totals.errors, totals.tokens]
         )
+        elapsed = time.perf_counter() - start
         if rank != 0:
             return
         if size > 1:
@@ -748,6 +733,24 @@ def _cli():
             echo(f"peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
 
     return cli
+
+
+def _inputs(
+    patterns: Sequence[str], requests_file: Path | None, prompt: str | None, output: Path
+) -> tuple[list[str | int], Callable[[], Iterator[Request]]]:
+    """The id of every request, and a function that reads the requests one by one."""
+    if requests_file is None:
+        paths = find_images(patterns)
+        return paths, lambda: (Request(i, p, prompt, [p], [p]) for i, p in enumerate(paths))
+    if output.exists() and output.resolve() == requests_file.resolve():
+        raise Lfm2VlError("--output is the --requests file: write the results elsewhere")
+    ids = scan_requests(requests_file)
+
+    def requests() -> Iterator[Request]:
+        for index, (number, value) in enumerate(_json_lines(requests_file)):
+            yield request_from_json(index, number, value, requests_file.parent, prompt)
+
+    return ids, requests
 
 
 def _load_engine(model: str, max_rows: int) -> tuple[BatchEngine, Path]:
