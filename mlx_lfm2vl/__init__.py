@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 # state), so that one warning is silenced rather than dropping `from mlx_lfm2vl import generate`.
 warnings.filterwarnings(
     "ignore",
-    message="'mlx_lfm2vl\\.generate' found in sys.modules",
+    message="'mlx_lfm2vl\\.(generate|batch)' found in sys.modules",
     category=RuntimeWarning,
 )
 
@@ -30,6 +30,7 @@ try:
 except _metadata.PackageNotFoundError:  # a source checkout used without installing it
     __version__ = "0.0.0+unknown"
 
+from .batch import batch_generate  # noqa: E402
 from .chat import Chat  # noqa: E402
 from .errors import Lfm2VlError  # noqa: E402
 from .generate import (  # noqa: E402
@@ -53,6 +54,7 @@ __all__ = [
     "GenerationStats",
     "Lfm2VlError",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
     "relaunch_with_fast_blas",
