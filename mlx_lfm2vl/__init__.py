@@ -15,10 +15,10 @@ from importlib import metadata as _metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# `python -m mlx_lfm2vl.generate` imports this package first, which imports the generate module
-# for the exports below; runpy then warns that the module it is about to run as __main__ was
-# already imported. Running it is safe (the CLIs keep no module
-# state), so that one warning is silenced rather than dropping `from mlx_lfm2vl import generate`.
+# `python -m mlx_lfm2vl.generate` (or `.batch`) imports this package first, which imports that
+# module for the exports below; runpy then warns that the module it is about to run as __main__
+# was already imported. Running it is safe (the CLIs keep no module state), so that one warning
+# is silenced rather than dropping `from mlx_lfm2vl import generate`.
 warnings.filterwarnings(
     "ignore",
     message="'mlx_lfm2vl\\.(generate|batch)' found in sys.modules",
