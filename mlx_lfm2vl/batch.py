@@ -14,6 +14,10 @@ rows cost little more than one. The engine:
 - decodes one token for every row at each step; a row leaves when its answer ends (end of
   sequence, stop string, max_tokens, cancelled) and a new one may take its place.
 
+With a `PromptCache`, admission starts a row from the cache snapshot of the longest prompt prefix
+seen before (a conversation resent in full with one more turn: its earlier turns and images) and
+prefills only the rest, storing a snapshot of its own where the next turn will need it.
+
 Each row samples with its own settings, logits processors and PRNG key, so a seeded request
 gives the tokens it gives alone whatever its neighbours (up to float32 rounding of a matmul over
 several rows: logits agree to ~1e-6).
@@ -26,11 +30,12 @@ chunks to whichever thread submitted it. The command line (`python -m mlx_lfm2vl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
-from .cache import BatchConvCache, BatchKVCache, ConvCache, KVCache
-from .errors import Lfm2VlError
+from .cache import BatchConvCache, BatchKVCache, ConvCache, KVCache, snapshot
+from .errors import ContextLengthError, Lfm2VlError
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
@@ -55,6 +60,8 @@ from .generate import (
 )
 
 if TYPE_CHECKING:
+    from .generate import Cache
+    from .image_processor import ImageBatch
     from .models.lfm2_vl import Lfm2VlModel
     from .processor import ProcessedInputs, Processor
 
@@ -72,15 +79,104 @@ _REQUEST_OPTIONS = (*_SAMPLING_OPTIONS, "max_tokens", "seed", "stop", "logits_pr
 
 @dataclass
 class _Row:
-    """One request: its inputs, sampling and answer; `position` is its row in the batch."""
+    """One request: its inputs, sampling and answer. `image_keys` identify its images for the
+    prompt cache; `cache` and `reused` (prompt tokens, images) are the cached prefix it starts
+    from; `features` are the image features of the images after that prefix."""
 
     id: int
     inputs: ProcessedInputs
     sample: TokenSampler
     answer: Answer
+    image_keys: tuple[bytes, ...] = ()
     last_token: mx.array | None = None
     cancelled: bool = False
+    cache: Cache | None = field(default=None, repr=False)
+    reused: tuple[int, int] = (0, 0)
     features: mx.array | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Prefix:
+    ids: np.ndarray
+    images: tuple[bytes, ...]
+    cache: Cache = field(repr=False)
+    nbytes: int
+
+
+class PromptCache:
+    """Cache snapshots of prompt prefixes, the least recently used dropped beyond `max_bytes`.
+
+    A prefix is its token ids plus, since every image token has the same id, a hash of each of
+    its images' preprocessed pixels and view shapes (`image_hashes`): the same picture sent again
+    matches, the same picture at other image settings does not. Snapshots are compact copies
+    (no spare KV capacity, no view into a larger buffer), so `nbytes` is what they hold.
+    The engine stores and looks up from its own thread only.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._prefixes: OrderedDict[tuple[bytes, tuple[bytes, ...]], _Prefix] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    @staticmethod
+    def image_hashes(images: ImageBatch | None) -> tuple[bytes, ...]:
+        """One digest per image of a processed request."""
+        if images is None:
+            return ()
+        digests, view, row = [], 0, 0
+        patches = images.patches_per_view
+        for views in images.views_per_image:
+            count = int(patches[view : view + views].sum())
+            digest = hashlib.blake2b(images.spatial_shapes[view : view + views].tobytes())
+            digest.update(np.ascontiguousarray(images.pixel_values[row : row + count]).data)
+            digests.append(digest.digest())
+            view, row = view + views, row + count
+        return tuple(digests)
+
+    def lookup(self, ids: np.ndarray, images: tuple[bytes, ...]) -> tuple[int, int, Cache] | None:
+        """The longest cached prefix that is shorter than `ids` and starts them, with its images
+        first in `images`: (its tokens, its images, a copy of its cache to extend), or None."""
+        best = None
+        for key, prefix in self._prefixes.items():
+            n, k = len(prefix.ids), len(prefix.images)
+            if (
+                (best is None or n > len(self._prefixes[best].ids))
+                and n < len(ids)
+                and prefix.images == images[:k]
+                and np.array_equal(prefix.ids, ids[:n])
+            ):
+                best = key
+        if best is None:
+            return None
+        self._prefixes.move_to_end(best)
+        prefix = self._prefixes[best]
+        return len(prefix.ids), len(prefix.images), snapshot(prefix.cache)
+
+    def store(self, ids: np.ndarray, images: tuple[bytes, ...], cache: Cache) -> None:
+        """Keep a compact copy of `cache`, the state after `ids` (holding `images`)."""
+        key = (ids.tobytes(), images)
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return
+        copy = snapshot(cache)
+        for layer in copy:
+            if isinstance(layer, KVCache) and layer.keys is not None:
+                layer.keys, layer.values = mx.contiguous(layer.keys), mx.contiguous(layer.values)
+            elif isinstance(layer, ConvCache) and layer.conv_state is not None:
+                layer.conv_state = mx.contiguous(layer.conv_state)
+        states = [array for layer in copy for array in layer.state]
+        mx.eval(states)
+        nbytes = sum(array.nbytes for array in states)
+        if nbytes > self.max_bytes:
+            return
+        self._prefixes[key] = _Prefix(ids.copy(), images, copy, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            _, dropped = self._prefixes.popitem(last=False)
+            self.nbytes -= dropped.nbytes
 
 
 class BatchEngine:
@@ -93,12 +189,28 @@ class BatchEngine:
         processor: Processor,
         max_rows: int = DEFAULT_MAX_ROWS,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        prompt_cache: PromptCache | None = None,
+        context_length: int | None = None,
     ):
+        """`prompt_cache`: reuse prompt prefixes across requests (see `PromptCache`).
+        `context_length`: refuse prompts that leave no room for a token in that many positions
+        (`ContextLengthError`), and end answers there (finish_reason "length")."""
         if max_rows < 1:
             raise Lfm2VlError(f"max_rows must be at least 1, got {max_rows}")
         self.model, self.processor = model, processor
         self.max_rows = max_rows
         self.prefill_step_size = prefill_step_size
+        self.prompt_cache = prompt_cache
+        self.context_length = context_length
+        # Where a prompt's reusable prefix ends: after its last special token, as in chat.py
+        # (`<|im_start|>` before `assistant`: every image token is a special token, so every
+        # image is before it, and the next turn's prompt has the same ids up to there).
+        self._special_ids = np.array(
+            sorted(
+                i for i, t in processor.tokenizer.get_added_tokens_decoder().items() if t.special
+            ),
+            np.int32,
+        )
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._waiting: deque[_Row] = deque()
@@ -132,6 +244,15 @@ class BatchEngine:
             raise Lfm2VlError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         _check_seed(request.get("seed"))
         inputs = self.processor.process(prompt, images, **options)
+        if self.context_length is not None:
+            room = self.context_length - len(inputs.input_ids)
+            if room < 1:
+                raise ContextLengthError(
+                    f"The prompt has {len(inputs.input_ids)} tokens, more than fit the context "
+                    f"of {self.context_length} with a token to answer. Shorten the conversation, "
+                    "send fewer or smaller images, or lower max_image_tokens."
+                )
+            max_tokens = min(max_tokens, room)
         history = mx.array(inputs.input_ids, mx.int32) if processors else None
         image_tokens = int((inputs.input_ids == self.processor.image_token_id).sum())
         row = _Row(
@@ -146,6 +267,9 @@ class BatchEngine:
                 prompt_tokens=len(inputs.input_ids),
                 image_tokens=image_tokens,
                 start_time=start_time,
+            ),
+            image_keys=(
+                PromptCache.image_hashes(inputs.images) if self.prompt_cache is not None else ()
             ),
         )
         with self._lock:
@@ -187,19 +311,20 @@ class BatchEngine:
         return events
 
     def _admit(self, rows: list[_Row]) -> list[tuple[int, GenerationChunk]]:
+        if self.prompt_cache is not None:
+            for row in rows:
+                found = self.prompt_cache.lookup(row.inputs.input_ids, row.image_keys)
+                if found is not None:
+                    tokens, images, row.cache = found
+                    row.reused = (tokens, images)
+                    row.answer.cached_tokens = tokens
         self._encode_images(rows)
         events, joining = [], []
         for row in rows:
             row.answer.prefill_start = time.perf_counter()
-            cache = self.model.make_cache()
-            logits = prefill(
-                self.model,
-                mx.array(row.inputs.input_ids, mx.int32)[None],
-                cache=cache,
-                step_size=self.prefill_step_size,
-                image_features=row.features,
-            )
-            row.features = None
+            cache = row.cache or self.model.make_cache()
+            logits = self._prefill(row, cache)
+            row.features = row.cache = None
             token, logprobs = row.sample(logits)
             chunk = row.answer.add(token.item(), logprobs[0], cancelled=row.cancelled)
             events.append((row.id, chunk))
@@ -210,18 +335,51 @@ class BatchEngine:
             self._join([row for row, _ in joining], [cache for _, cache in joining])
         return events
 
+    def _prefill(self, row: _Row, cache: Cache) -> mx.array:
+        """Run the prompt after the reused prefix into `cache`; the logits of its last token.
+        With a prompt cache, the prefill stops once after the last special token to store a
+        snapshot there (as `Chat` does)."""
+        ids, start = row.inputs.input_ids, row.reused[0]
+        cut = len(ids)
+        if self.prompt_cache is not None:
+            special = np.flatnonzero(np.isin(ids, self._special_ids))
+            cut = int(special[-1]) + 1 if len(special) else 0
+        pieces = [(start, cut), (cut, len(ids))] if start < cut < len(ids) else [(start, len(ids))]
+        features = row.features
+        for a, b in pieces:
+            logits = prefill(
+                self.model,
+                mx.array(ids[a:b], mx.int32)[None],
+                cache=cache,
+                step_size=self.prefill_step_size,
+                image_features=features,
+            )
+            features = None  # every image is before the cut
+            if self.prompt_cache is not None and b == cut > start:
+                self.prompt_cache.store(ids[:cut], row.image_keys, cache)
+        return logits
+
     def _encode_images(self, rows: list[_Row]) -> None:
         """Image features of every new request, in one vision call: views of equal shape from
-        all of them run as one batch (`Lfm2VlModel.get_image_features`)."""
-        with_images = [row for row in rows if row.inputs.images is not None]
-        if not with_images:
+        all of them run as one batch (`Lfm2VlModel.get_image_features`). The images of a
+        reused prefix are skipped."""
+        pixels, shapes, counts = [], [], []
+        for row in rows:
+            images = row.inputs.images
+            if images is None or row.reused[1] == len(images.views_per_image):
+                continue
+            view = sum(images.views_per_image[: row.reused[1]])
+            patch = int(images.patches_per_view[:view].sum())
+            pixels.append(images.pixel_values[patch:])
+            shapes.append(images.spatial_shapes[view:])
+            counts.append((row, sum(images.tokens_per_view[view:])))
+        if not counts:
             return
-        pixels = np.concatenate([row.inputs.images.pixel_values for row in with_images])
-        shapes = np.concatenate([row.inputs.images.spatial_shapes for row in with_images])
-        features = self.model.get_image_features(mx.array(pixels), mx.array(shapes))
+        features = self.model.get_image_features(
+            mx.array(np.concatenate(pixels)), mx.array(np.concatenate(shapes))
+        )
         start = 0
-        for row in with_images:
-            count = sum(row.inputs.images.tokens_per_view)
+        for row, count in counts:
             row.features = features[start : start + count]
             start += count
 

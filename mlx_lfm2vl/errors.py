@@ -1,4 +1,5 @@
-"""The one exception type for errors a user can cause and fix."""
+"""The exception type for errors a user can cause and fix (a subclass where a caller answers one
+kind differently, still caught as `Lfm2VlError`)."""
 
 
 class Lfm2VlError(Exception):
@@ -7,3 +8,7 @@ class Lfm2VlError(Exception):
     Its message says what went wrong and how to fix it. The command line prints it as one line on
     stderr; apps catch this type to tell user mistakes from bugs.
     """
+
+
+class ContextLengthError(Lfm2VlError):
+    """A prompt that does not fit the model's context (a server answers it with its own code)."""

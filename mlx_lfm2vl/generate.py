@@ -64,6 +64,8 @@ class GenerationStats:
     generation_tps counts the tokens after the first over the time since the first.
     peak_memory is MLX's peak allocation of the process in GB (`mx.get_peak_memory`; the
     library does not reset it, as that counter is shared by everything in the process).
+    cached_tokens are the prompt tokens taken from a cached prefix instead of being prefilled
+    (`batch.PromptCache`); they count in prompt_tokens too.
     """
 
     prompt_tokens: int
@@ -74,6 +76,7 @@ class GenerationStats:
     prompt_tps: float
     generation_tps: float
     peak_memory: float
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -421,6 +424,7 @@ class Answer:
         self.prefill_start = time.perf_counter()
         self.first_time = self.prompt_time = 0.0
         self.tokens: list[int] = []
+        self.cached_tokens = 0
 
     def stats(self) -> GenerationStats:
         n = len(self.tokens)
@@ -434,6 +438,7 @@ class Answer:
             prompt_tps=self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0,
             generation_tps=(n - 1) / (now - self.first_time) if n > 1 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
+            cached_tokens=self.cached_tokens,
         )
 
     def add(self, token: int, logprobs: mx.array | None, cancelled: bool) -> GenerationChunk:

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from reference import random_image
 
+import mlx_lfm2vl.batch
 from mlx_lfm2vl import Lfm2VlError, generate, load, stream_generate
-from mlx_lfm2vl.batch import BatchEngine, BatchWorker, batch_generate
+from mlx_lfm2vl.batch import BatchEngine, BatchWorker, PromptCache, batch_generate
 from mlx_lfm2vl.cache import BatchKVCache, KVCache
+from mlx_lfm2vl.errors import ContextLengthError
+from mlx_lfm2vl.generate import prefill
 
 # float32 rounding of the batched matmuls, relative to the logits' scale (~2 here)
 LOGPROB_TOLERANCE = 2e-4
@@ -248,3 +251,120 @@ def test_worker_streams_requests_from_several_threads_and_frees_a_closed_stream(
     for index, request in enumerate(reqs):
         alone = generate(model, processor, **{"max_tokens": 8, "temperature": 0.0, **request})
         assert results[index] == alone.tokens
+
+
+# ---------------------------------------------------------------- prompt reuse across requests
+
+
+def recorded_prefills(monkeypatch) -> list[int]:
+    """Lengths of the prompt pieces the engine prefills, as it runs them."""
+    lengths = []
+
+    def recording(model, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return prefill(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(mlx_lfm2vl.batch, "prefill", recording)
+    return lengths
+
+
+def run_one(engine: BatchEngine, prompt, images=None, **options) -> list:
+    request_id = engine.submit(prompt, images, **options)
+    return run_engine(engine, [request_id])[0]
+
+
+def test_a_conversation_resent_with_a_new_turn_prefills_only_that_turn_and_answers_as_cold(
+    loaded, monkeypatch
+):
+    model, processor = loaded
+    image = random_image(300, 400, seed=8)
+    options = {"max_tokens": 6, "temperature": 0.0}
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    engine = BatchEngine(model, processor, prompt_cache=PromptCache(64 << 20))
+    lengths = recorded_prefills(monkeypatch)
+    answer = "".join(c.text for c in run_one(engine, first, [image], **options))
+    assert len(engine.prompt_cache) == 1
+
+    second = [
+        *first,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Say more."},
+    ]
+    copy = random_image(300, 400, seed=8)  # the same pixels in a new object, as a client resends
+    lengths.clear()
+    vision_calls = []
+    vision = type(model.vision_tower).__call__
+    monkeypatch.setattr(
+        type(model.vision_tower),
+        "__call__",
+        lambda self, *a: vision_calls.append(a) or vision(self, *a),
+    )
+    chunks = run_one(engine, second, [copy], **options)
+
+    first_ids = processor.process(first, [image]).input_ids
+    second_ids = processor.process(second, [image]).input_ids
+    im_start = processor.tokenizer.token_to_id("<|im_start|>")
+    reused = int(np.flatnonzero(first_ids == im_start)[-1]) + 1  # "assistant\n" follows it
+    assert processor.decode(first_ids[reused:]) == "assistant\n"
+    assert chunks[-1].stats.cached_tokens == reused
+    assert sum(lengths) == len(second_ids) - reused  # only the new turn is prefilled
+    assert vision_calls == []  # nor is the image encoded again
+    cold = solo(model, processor, {"prompt": second, "images": [image]}, **options)
+    assert [c.token for c in chunks] == cold[0]
+    for got, want in zip([c.logprobs for c in chunks], cold[1], strict=True):
+        assert np.abs(np.array(got) - np.array(want)).max() <= LOGPROB_TOLERANCE
+
+
+def test_a_prefix_with_another_picture_or_other_image_settings_is_not_reused(loaded):
+    model, processor = loaded
+    engine = BatchEngine(model, processor, prompt_cache=PromptCache(64 << 20))
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    options = {"max_tokens": 1, "temperature": 0.0}
+    run_one(engine, prompt, [random_image(64, 64, seed=1)], **options)
+    again = run_one(engine, prompt, [random_image(64, 64, seed=1)], **options)
+    other = run_one(engine, prompt, [random_image(64, 64, seed=2)], **options)
+    smaller = run_one(
+        engine, prompt, [random_image(64, 64, seed=1)], min_image_tokens=16, **options
+    )
+    assert again[-1].stats.cached_tokens > 0
+    assert other[-1].stats.cached_tokens == 0
+    assert smaller[-1].stats.cached_tokens == 0
+
+
+def test_the_prompt_cache_keeps_compact_snapshots_and_drops_the_least_recently_used(loaded):
+    model, processor = loaded
+    prompts = ["First prompt.", "Second prompt.", "Third prompt."]
+    ids = [processor.process(p).input_ids for p in prompts]
+    caches = []
+    for prompt_ids in ids:
+        cache = model.make_cache()
+        prefill(model, mx.array(prompt_ids)[None], cache=cache)
+        caches.append(cache)
+    one = PromptCache(1 << 30)
+    one.store(ids[0], (), caches[0])
+    size = one.nbytes
+    kv = [c for c in caches[0] if isinstance(c, KVCache)]
+    assert size == sum(a.nbytes for c in caches[0] for a in c.state)  # no spare capacity
+    assert kv and kv[0].keys.shape[2] > kv[0].offset  # which the live cache has
+
+    cache = PromptCache(int(2.5 * size))
+    cache.store(ids[0], (), caches[0])
+    cache.store(ids[1], (), caches[1])
+    longer = np.concatenate([ids[0], [5, 6]])
+    assert cache.lookup(longer, ())[0] == len(ids[0])  # the first is now the most recent
+    cache.store(ids[2], (), caches[2])
+    assert len(cache) == 2 and cache.nbytes <= 2.5 * size
+    assert cache.lookup(np.concatenate([ids[1], [5]]), ()) is None
+    assert cache.lookup(longer, ()) is not None
+    assert cache.lookup(ids[0], ()) is None  # a prefix is reused only for a longer prompt
+
+
+def test_a_context_length_refuses_prompts_without_room_and_ends_answers_at_it(loaded):
+    model, processor = loaded
+    prompt_tokens = len(processor.process("Hello there").input_ids)
+    engine = BatchEngine(model, processor, context_length=prompt_tokens + 2)
+    chunks = run_one(engine, "Hello there", max_tokens=50, temperature=0.0)
+    assert len(chunks) == 2 and chunks[-1].finish_reason == "length"
+    with pytest.raises(ContextLengthError, match="context of"):
+        engine.submit("Hello there, a longer prompt", max_tokens=50)
+    assert issubclass(ContextLengthError, Lfm2VlError)
