@@ -30,13 +30,14 @@ chunks to whichever thread submitted it. The command line (`python -m mlx_lfm2vl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -477,14 +478,100 @@ def batch_generate(
     ]
 
 
+class _Mailbox:
+    """Chunks handed from the worker thread to one consumer; `wake`, when set, is called after
+    each (to resume a consumer awaiting them on an event loop)."""
+
+    def __init__(self, logprobs: bool):
+        self.logprobs = logprobs
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake: Callable[[], None] | None = None
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        self.queue.put(item)
+        if self.wake is not None:
+            try:
+                self.wake()
+            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting
+                self.wake = None
+
+
+class ChunkStream:
+    """One request's chunks as the worker decodes them: `for chunk in stream` blocks for each,
+    `async for chunk in stream` awaits each on an asyncio loop. `close()` (or leaving a `with`
+    block, or dropping the stream), from any thread and at any time, cancels the request and
+    frees its row at the next step."""
+
+    def __init__(self, engine: BatchEngine, request_id: int, mailbox: _Mailbox):
+        self.request_id = request_id
+        self._engine, self._mailbox = engine, mailbox
+        self._done = False
+        self._ready: asyncio.Event | None = None
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        if self._done:
+            raise StopIteration
+        return self._take(self._mailbox.queue.get())
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._done:
+            raise StopAsyncIteration
+        if self._ready is None:
+            # The callback holds the event, not this stream: a dropped stream is still collected.
+            ready = self._ready = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._mailbox.wake = lambda: loop.call_soon_threadsafe(ready.set)
+        while True:
+            try:
+                return self._take(self._mailbox.queue.get_nowait())
+            except queue.Empty:
+                # A chunk put after the check sets the event from the loop, so after this clear.
+                self._ready.clear()
+                await self._ready.wait()
+
+    def _take(self, item: GenerationChunk | BaseException) -> GenerationChunk:
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finish_reason is not None
+        return item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self.request_id)
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class BatchWorker:
     """An engine on a thread of its own: any thread submits a request and iterates over its
-    chunks as they are decoded, alongside everyone else's. Leaving the loop early (closing the
-    iterator) cancels the request and frees its row. `close()` stops the thread."""
+    chunks (a `ChunkStream`) as they are decoded, alongside everyone else's. Closing a stream
+    cancels its request and frees its row. `close()` stops the thread.
+
+    Every MLX array is evaluated on the worker's thread (MLX streams belong to the thread that
+    made them): chunks carry log-probabilities already computed only for requests submitted
+    with `logprobs=True`; read them with `np.asarray(chunk.logprobs)`."""
 
     def __init__(self, model: Lfm2VlModel, processor: Processor, **engine_options: Any):
         self.engine = BatchEngine(model, processor, **engine_options)
-        self._streams: dict[int, queue.SimpleQueue] = {}
+        self._streams: dict[int, _Mailbox] = {}
+        # Chunks of requests decoded before `submit` registered their stream (it preprocesses
+        # outside the lock, so that a large image does not hold up everyone's chunks).
+        self._early: dict[int, list[GenerationChunk]] = {}
         self._wake = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -492,37 +579,41 @@ class BatchWorker:
         self._thread.start()
 
     def submit(
-        self, prompt: str | Sequence[dict[str, Any]], images: Any = None, **options: Any
-    ) -> Iterator[GenerationChunk]:
-        """Like `stream_generate`, decoded together with the other requests. Bad input raises
-        `Lfm2VlError` here."""
-        stream: queue.SimpleQueue = queue.SimpleQueue()
-        # Under the lock the loop dispatches chunks with: the stream is registered before any
-        # chunk of this request can be dispatched.
+        self,
+        prompt: str | Sequence[dict[str, Any]],
+        images: Any = None,
+        *,
+        logprobs: bool = False,
+        **options: Any,
+    ) -> ChunkStream:
+        """Like `stream_generate`, decoded together with the other requests; `options` are
+        `BatchEngine.submit`'s. Bad input raises `Lfm2VlError` here."""
+        self._check_running()
+        request_id = self.engine.submit(prompt, images, **options)
+        mailbox = _Mailbox(logprobs)
         with self._wake:
-            if self._error is not None:
-                raise Lfm2VlError(f"the batch worker stopped on an error: {self._error!r}")
-            if self._closed:
-                raise Lfm2VlError("this BatchWorker is closed")
-            request_id = self.engine.submit(prompt, images, **options)
-            self._streams[request_id] = stream
-            self._wake.notify()
-        return self._chunks(request_id, stream)
-
-    def _chunks(self, request_id: int, stream: queue.SimpleQueue) -> Iterator[GenerationChunk]:
-        finished = False
-        try:
-            while True:
-                chunk = stream.get()
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                yield chunk
-                if chunk.finish_reason is not None:
-                    finished = True
-                    return
-        finally:
-            if not finished:
+            if self._error is not None or self._closed:
                 self.engine.cancel(request_id)
+                self._check_running()
+            early = self._early.pop(request_id, [])
+            for chunk in early:
+                mailbox.put(chunk)
+            if not early or early[-1].finish_reason is None:
+                self._streams[request_id] = mailbox
+            self._wake.notify()
+        return ChunkStream(self.engine, request_id, mailbox)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the worker's thread (every request failed with it), or
+        None while it runs."""
+        return self._error
+
+    def _check_running(self) -> None:
+        if self._error is not None:
+            raise Lfm2VlError(f"the batch worker stopped on an error: {self._error!r}")
+        if self._closed:
+            raise Lfm2VlError("this BatchWorker is closed")
 
     def _loop(self) -> None:
         while True:
@@ -531,8 +622,18 @@ class BatchWorker:
                     self._wake.wait()
                 if self._closed:
                     return
+                streams = dict(self._streams)
             try:
                 events = self.engine.step()
+                # Streams not registered yet may want them: computed too (rare, first chunks).
+                mx.eval(
+                    [
+                        chunk.logprobs
+                        for request_id, chunk in events
+                        if chunk.logprobs is not None
+                        and getattr(streams.get(request_id), "logprobs", True)
+                    ]
+                )
             except BaseException as error:  # a bug or out of memory: every waiter gets it
                 with self._wake:
                     self._error = error
@@ -543,8 +644,10 @@ class BatchWorker:
             with self._wake:
                 for request_id, chunk in events:
                     stream = self._streams.get(request_id)
-                    if stream is not None:
-                        stream.put(chunk)
+                    if stream is None:
+                        self._early.setdefault(request_id, []).append(chunk)
+                        continue
+                    stream.put(chunk)
                     if chunk.finish_reason is not None:
                         self._streams.pop(request_id, None)
 

@@ -8,6 +8,7 @@ they end, so that padding or a neighbour's state leaking into a row would show.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -368,3 +369,35 @@ def test_a_context_length_refuses_prompts_without_room_and_ends_answers_at_it(lo
     with pytest.raises(ContextLengthError, match="context of"):
         engine.submit("Hello there, a longer prompt", max_tokens=50)
     assert issubclass(ContextLengthError, Lfm2VlError)
+
+
+# ---------------------------------------------------------------- the worker's streams
+
+
+def test_a_stream_closed_before_its_first_chunk_frees_its_row(loaded):
+    model, processor = loaded
+    with BatchWorker(model, processor) as worker:
+        stream = worker.submit("Never read.", max_tokens=10**6, temperature=0.0)
+        stream.close()
+        deadline = time.monotonic() + 30
+        while worker.engine.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not worker.engine.busy
+        assert list(stream) == []
+
+
+def test_streams_can_be_awaited_and_carry_logprobs_computed_on_the_worker_thread(loaded):
+    model, processor = loaded
+    request = {"prompt": "Numbers: 1 2 3", "max_tokens": 5, "temperature": 0.0}
+    want_tokens, want_logprobs, _ = solo(model, processor, request)
+
+    async def client(worker: BatchWorker) -> list:
+        stream = worker.submit(request["prompt"], logprobs=True, max_tokens=5, temperature=0.0)
+        return [chunk async for chunk in stream]
+
+    with BatchWorker(model, processor) as worker:
+        chunks = asyncio.run(client(worker))
+    assert [c.token for c in chunks] == want_tokens
+    for chunk, want in zip(chunks, want_logprobs, strict=True):
+        got = np.asarray(chunk.logprobs)  # already computed: no MLX work on this thread
+        assert np.abs(got - np.array(want)).max() <= LOGPROB_TOLERANCE
