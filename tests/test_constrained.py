@@ -9,7 +9,7 @@ The schemas bound every string, array and integer, so the JSON they allow is fin
 model reaches its end. "Any JSON object" has no bound: a random model would write one string
 forever, so those requests add a processor that prefers closing tokens more at every step, as a
 model that wants to finish would; it runs before the constraint, which alone makes the JSON
-valid (without it these answers are runs of quotes and brackets).
+valid (without the mask no answer here is JSON).
 """
 
 from __future__ import annotations
@@ -251,6 +251,17 @@ def test_the_mask_allows_only_the_grammar_and_eos_only_at_the_end(talking):
         assert token in allowed(history)
         history = mx.concatenate([history, mx.array([token], mx.int32)])
     assert set(allowed(history).tolist()) == set(eos)
+
+
+def test_a_prompt_length_given_up_front_counts_the_tokens_of_the_first_call_as_answer(talking):
+    _, processor = talking
+    tokenizer, eos = processor.tokenizer, processor.eos_token_ids
+    brace = tokenizer.token_to_id("{")
+    history = mx.array([1, 2, 3, brace], mx.int32)
+    constraint = json_constraint(tokenizer, eos, "object", prompt_length=3)
+    logits = constraint(history, mx.zeros((1, 65536)))
+    allowed = {tokenizer.decode([int(i)]) for i in np.flatnonzero(np.isfinite(np.array(logits)))}
+    assert allowed == {'"', "}"}  # after "{": a key or the end of the object
 
 
 def test_a_second_request_reuses_the_compiled_grammar(talking):
