@@ -231,15 +231,22 @@ class BatchEngine:
     ) -> int:
         """Queue a request; returns its id. Options are `generate`'s: sampling (`temperature`,
         `top_p`, `top_k`, `min_p`, `repetition_penalty`, `repetition_context_size`), `seed`,
-        `stop`, `max_tokens`, `logits_processors`, and image options for the processor. Bad
-        input raises `Lfm2VlError` here, before the request is queued."""
+        `stop`, `max_tokens`, `logits_processors`, `json_schema` (the answer is JSON fitting
+        it, see `stream_generate`), and image options for the processor. Bad input raises
+        `Lfm2VlError` here, before the request is queued."""
         start_time = time.perf_counter()
         request = {k: options.pop(k) for k in _REQUEST_OPTIONS if k in options}
+        json_schema = options.pop("json_schema", None)
         settings = checkpoint_sampling(self.processor).override(
             **{k: request.get(k) for k in _SAMPLING_OPTIONS}
         )
         sampler = settings.sampler()  # invalid values fail here
         processors = settings.logits_processors() + list(request.get("logits_processors", ()))
+        if json_schema is not None:
+            from .constrained import json_constraint  # imports llguidance only when used
+
+            tokenizer, eos = self.processor.tokenizer, self.processor.eos_token_ids
+            processors.append(json_constraint(tokenizer, eos, json_schema))
         max_tokens = request.get("max_tokens", DEFAULT_MAX_TOKENS)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise Lfm2VlError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")

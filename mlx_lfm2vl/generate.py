@@ -38,6 +38,7 @@ from .sampling import LogitsProcessor, Sampler, SamplingSettings
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from .constrained import JsonSchema
     from .models.lfm2_vl import Lfm2VlModel
     from .processor import Processor
 
@@ -502,6 +503,7 @@ def stream_generate(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    json_schema: JsonSchema | None = None,
     should_stop: StopCallback | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     **image_options: Any,
@@ -519,6 +521,12 @@ def stream_generate(
     leaving the loop (closing the generator) or with `should_stop`, a callable or
     `threading.Event` checked after every token and between prefill chunks. Raises
     `Lfm2VlError` for user errors (bad image, bad option, ...).
+
+    `json_schema` constrains the answer to JSON that fits it: a JSON schema (a dict), or
+    `"object"` for any JSON object (`constrained.py` says how; a schema that cannot be compiled
+    raises `Lfm2VlError`). The answer ends with the end of the JSON (finish_reason "stop"),
+    unless `max_tokens` comes first: then it is cut, unfinished JSON, with finish_reason
+    "length" (a `stop` string may cut it too). The constraint applies after `logits_processors`.
     """
     start_time = time.perf_counter()
     settings = checkpoint_sampling(processor).override(
@@ -532,6 +540,11 @@ def stream_generate(
     settings.sampler()  # invalid values fail before any work
     settings.logits_processors()
     _check_seed(seed)
+    if json_schema is not None:
+        from .constrained import json_constraint  # imports llguidance only when used
+
+        constraint = json_constraint(processor.tokenizer, processor.eos_token_ids, json_schema)
+        logits_processors = [*logits_processors, constraint]
     processed = processor.process(prompt, images, **image_options)
     part = _Part(processed.input_ids)
     if processed.images is not None:

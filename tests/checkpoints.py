@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 # The published config files, kept in the repository; data/reference/SOURCES.md says where
@@ -54,7 +55,7 @@ def reference_dir(name: str) -> Path:
     return folder
 
 
-def _published_added_tokens() -> dict[int, str]:
+def published_special_tokens() -> dict[int, str]:
     """The special tokens of the published LFM2-VL tokenizer, by id."""
     config = json.loads((reference_dir("LFM2-VL-450M") / "tokenizer_config.json").read_text())
     return {
@@ -64,15 +65,23 @@ def _published_added_tokens() -> dict[int, str]:
     }
 
 
-def build_tokenizer(folder: Path, image_token_id: int = 396) -> None:
+def build_tokenizer(
+    folder: Path,
+    image_token_id: int = 396,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 1200,
+) -> None:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into `folder`.
 
     Special tokens keep their published ids. `image_token_id` moves `<image>` elsewhere (the
-    LFM2.5-VL-3B layout puts it at 124907, and 396 becomes an ordinary text token).
+    LFM2.5-VL-3B layout puts it at 124907, and 396 becomes an ordinary text token). The merges
+    are learned from `corpus` (texts; default a small built-in one) up to `vocab_size` learned
+    tokens: a large corpus and `vocab_size=64400 - len(published_special_tokens())` give a
+    tokenizer of the published size (benchmarks/bench_constrained.py).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = _published_added_tokens()
+    specials = published_special_tokens()
     if image_token_id != 396:
         del specials[396]
         specials[image_token_id] = "<image>"
@@ -82,11 +91,12 @@ def build_tokenizer(folder: Path, image_token_id: int = 396) -> None:
     trainer_tokenizer = Tokenizer(models.BPE())
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=1200,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    trainer_tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    texts = [_CORPUS] * 4 if corpus is None else corpus
+    trainer_tokenizer.train_from_iterator(texts, trainer=trainer)
     learned = json.loads(trainer_tokenizer.to_str())["model"]
     free_ids = (i for i in range(10**7) if i not in specials)
     vocab = {
