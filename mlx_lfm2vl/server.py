@@ -15,8 +15,8 @@ A request becomes `BatchEngine.submit(messages, images, **options)`:
   paths or `file://` URLs inside DIR; decoded here, before the engine sees them;
 - options: `max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, and the
   extra body fields `top_k`, `min_p`, `repetition_penalty`, `min_image_tokens`,
-  `max_image_tokens`, `do_image_splitting`; `response_format` becomes `json_schema` where the
-  engine has it (`_structured_output_available`).
+  `max_image_tokens`, `do_image_splitting`; `response_format` (`json_object`, `json_schema`)
+  becomes the engine's `json_schema` (constrained decoding: the answer always parses and fits).
 
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status
 the OpenAI API gives. The web stack is Starlette on uvicorn (the `server` extra).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -44,7 +43,6 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from . import batch
 from .batch import DEFAULT_MAX_ROWS, BatchWorker, ChunkStream, PromptCache
 from .errors import ContextLengthError, Lfm2VlError
 from .generate import GenerationChunk
@@ -126,14 +124,6 @@ class ApiError(Exception):
     def response(self) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def _structured_output_available() -> bool:
-    """Whether `BatchEngine.submit` takes `json_schema` (structured output, built in parallel
-    with this server). Until it does, `response_format` asking for JSON is a 400 error; once it
-    does, `response_format` maps to it with no change here."""
-    parameters = inspect.signature(batch.BatchEngine.submit).parameters
-    return "json_schema" in parameters or "json_schema" in getattr(batch, "_REQUEST_OPTIONS", ())
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,15 +299,7 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
     if body.get("response_format") is not None:
         schema = _json_schema(body["response_format"])
         if schema is not None:
-            if not _structured_output_available():
-                raise ApiError(
-                    400,
-                    "response_format with JSON output is not supported by this server yet: "
-                    'send {"type": "text"} or leave response_format out.',
-                    param="response_format",
-                    code="unsupported_parameter",
-                )
-            options["json_schema"] = schema
+            options["json_schema"] = schema  # constrained decoding (constrained.py)
 
     stream = bool(_value(body, "stream", bool))
     stream_options = body.get("stream_options")
