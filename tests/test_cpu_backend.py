@@ -344,3 +344,40 @@ def test_generation_works_from_two_threads_in_turn_and_from_a_worker_after_the_m
         thread.join()
     assert not errors, errors
     assert results == {"worker-1": first, "worker-2": first}
+
+
+def test_compiled_steps_of_a_model_freed_on_another_thread_never_answer_for_a_new_model(
+    checkpoint_450m, checkpoint_16b
+):
+    """MLX caches a trace per thread under the address of the compiled Python function and
+    drops it only on the thread that frees the function: steps of models freed elsewhere once
+    answered for later models (the 1.6B fixture's graph for the 450M's layers). The full suite's
+    order reproduced it (tests/test_batch.py, then test_batch_cli.py, then test_cli.py); this
+    churn of models, threads and collections is a guard that does not always reproduce it."""
+    import gc
+
+    from mlx_lfm2vl import generate, load
+    from mlx_lfm2vl.batch import BatchWorker
+    from mlx_lfm2vl.cpu.step import LayerStep
+
+    def greedy(folder, worker: bool = False) -> list[int]:
+        model, processor = load(folder)
+        if worker:  # one row alone: the compiled step, on the worker's thread
+            with BatchWorker(model, processor) as batch:
+                chunks = batch.submit("Hello there", max_tokens=4, temperature=0.0)
+                return [chunk.token for chunk in chunks]
+        return generate(model, processor, "Hello there", max_tokens=4, temperature=0.0).tokens
+
+    with pytest.MonkeyPatch.context() as patch:  # each layer the general way
+        patch.setattr(LayerStep, "usable", lambda self, activations: False)
+        want = {folder: greedy(folder) for folder in (checkpoint_450m, checkpoint_16b)}
+    gc.disable()  # models are freed when this test says, on the thread it says
+    try:
+        for round in range(8):
+            folder = (checkpoint_16b, checkpoint_450m)[round % 2]
+            assert greedy(folder, worker=round % 4 < 2) == want[folder], (round, folder.name)
+            collector = threading.Thread(target=gc.collect)
+            collector.start()
+            collector.join()
+    finally:
+        gc.enable()
