@@ -3,6 +3,7 @@ swapped layers, stacked projections, the compiled one-token step, threads, memor
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,25 +127,46 @@ def test_attention_in_bfloat16_is_mlx_sdpa_itself():
     assert mx.array_equal(got, want)
 
 
-def _cache_limit_after_load(checkpoint, app_limit: int | None) -> int:
-    """MLX's cache limit after load() in a fresh process whose app set `app_limit` first."""
+def _after_load(checkpoint, keep: str | None) -> list[str]:
+    """[whether a 100 MiB malloc was mmapped, whether MLX's cache limit is untouched] after
+    load() in a fresh process."""
     code = textwrap.dedent(f"""
+        import ctypes
         import mlx.core as mx
         from mlx_lfm2vl.loading import load_model
-        if {app_limit!r} is not None:
-            mx.set_cache_limit({app_limit!r})
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        limit = mx.set_cache_limit(1 << 30)
+        mx.set_cache_limit(limit)
         load_model({str(checkpoint)!r})
-        print(mx.set_cache_limit(0))
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(100 << 20)
+        mapped = libc.mallinfo2().hblkhd - before >= 100 << 20
+        print(mapped, mx.set_cache_limit(limit) == limit)
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1])
+    env = dict(os.environ)
+    env.pop("MLX_LFM2VL_KEEP_FREED_MEMORY", None)
+    if keep is not None:
+        env["MLX_LFM2VL_KEEP_FREED_MEMORY"] = keep
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    return done.stdout.split()
 
 
-def test_load_raises_mlx_cache_limit_on_the_cpu_but_never_lowers_an_apps_limit(checkpoint_450m):
-    from mlx_lfm2vl.cpu import CACHE_LIMIT
-
-    assert _cache_limit_after_load(checkpoint_450m, None) == CACHE_LIMIT
-    assert _cache_limit_after_load(checkpoint_450m, 4 * CACHE_LIMIT) == 4 * CACHE_LIMIT
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
+def test_load_keeps_freed_memory_in_glibcs_heap_unless_told_not_to(checkpoint_450m):
+    # A 100 MiB block comes from the heap with the raised threshold, from mmap without it
+    # (glibc's own threshold stops at 32 MiB); MLX's cache limit stays as the app set it.
+    assert _after_load(checkpoint_450m, None) == ["False", "True"]
+    assert _after_load(checkpoint_450m, "0") == ["True", "True"]
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # bf16 is split over the lanes
