@@ -100,8 +100,8 @@ print("ok")
 
 
 # bf16 weights times float32 rows in the forwarder (`ops.bf16_matmul`), against float64
-# products of the same values: one row (its own kernel; shapes around its 4-row blocks and its
-# two-thread split) and several (panels widened for sgemm).
+# products of the same values: up to 32 rows (their own kernel; shapes around its 4-row blocks
+# and its two-thread split) and more (panels widened for sgemm).
 _BF16_PRODUCTS_CHECK = r"""
 import mlx.core as mx
 import numpy as np
@@ -122,6 +122,18 @@ for (rows, cols), m in zip(shapes * 2, [1] * len(shapes) + [2, 3, 5, 17, 40, 9, 
         bound = 1e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
         if got.shape != (1, m, rows) or not (np.abs(got - want) <= bound).all():
             raise SystemExit(f"{m} x {rows}x{cols} {name}: max error {np.abs(got - want).max()}")
+# Up to 32 rows share each read of the weight (a batched decode step); every row's products must
+# be bitwise those of the row alone, whatever its neighbours, or a request's answer would depend
+# on its batch.
+for rows, cols in [(1030, 4608), (257, 300), (64, 1024)]:
+    w = mx.array(rng.standard_normal((rows, cols)).astype(np.float32)).astype(mx.bfloat16)
+    for m in (2, 3, 8, 31, 32):
+        x = mx.array(rng.standard_normal((m, cols)).astype(np.float32))
+        together = np.array(bf16_matmul(w, x))
+        for i in range(m):
+            alone = np.array(bf16_matmul(w, x[i : i + 1]))[0]
+            if not np.array_equal(together[i], alone):
+                raise SystemExit(f"row {i} of {m} x {rows}x{cols}: differs from the row alone")
 # Panels: a weight wider than one 8 MiB panel of float32 rows, cut into several.
 w = mx.array(rng.standard_normal((3000, 1024)).astype(np.float32)).astype(mx.bfloat16)
 x = mx.array(rng.standard_normal((6, 1024)).astype(np.float32))

@@ -54,10 +54,11 @@ __attribute__((constructor)) static void find_next_blas(void) {
  *   a: the float32 input, m rows of K values, viewed as 2m x K/2, row-major;
  *   b: the bf16 weight (N x K) viewed as float32 N x K/2, transposed;
  *   c: 2m x N; rows 0..m-1 receive x . W^T, the others are left as they were (never read).
- * One row (a decode step) runs the kernel below, the rows split between the calling thread and
- * a helper thread: two cores read memory ~40% faster than one here. More rows (a prefill) are
- * bound by arithmetic: panels of the weight are widened to float32 in a buffer that stays in
- * cache and multiplied by the next library's sgemm.
+ * Up to SMALL_M rows (a decode step, of one request or of a batch of them) run the kernels
+ * below, the weight rows split between the calling thread and a helper thread: two cores read
+ * memory ~40% faster than one here. More rows (a prefill) are bound by arithmetic: panels of the
+ * weight are widened to float32 in a buffer that stays in cache and multiplied by the next
+ * library's sgemm.
  * Python only sends the tag after finding gemv_forward_bf16_tag in the process, so the tag never
  * reaches a BLAS that would multiply the bit patterns. A tagged call in any other layout aborts.
  */
@@ -136,16 +137,77 @@ __attribute__((target("avx2,fma"))) static void bf16_rows_avx2(const uint16_t *w
     }
     if (r < r1) bf16_rows_portable(w, stride, cols, x, y, r, r1);
 }
+
+/* bf16_rows_avx2 for m input rows at once (row i at x + i * ldx, its outputs at y + i * ldy):
+ * each block of four weight rows is read from memory once for all of them, two input rows at a
+ * time (16 accumulators would not fit in the 16 vector registers). Every (weight row, input row)
+ * pair is summed exactly as bf16_rows_avx2 sums it for one input row, and the rows past the last
+ * block of four go to the same portable loop: an input row's products are bitwise the same
+ * alone or beside others, so a request's answer does not depend on its batch. */
+__attribute__((target("avx2,fma"))) static void bf16_block_avx2(const uint16_t *w, size_t stride,
+                                                                int cols, const float *x,
+                                                                size_t ldx, int m, float *y,
+                                                                size_t ldy, int r0, int r1) {
+    int r = r0, body = cols & ~7;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = w + (size_t)r * stride, *w1 = w0 + stride, *w2 = w1 + stride,
+                       *w3 = w2 + stride;
+        int i = 0;
+        for (; i + 2 <= m; i += 2) {
+            const float *xa = x + (size_t)i * ldx, *xb = xa + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int c = 0; c < body; c += 8) {
+                __m256 v0 = bf16x8(w0 + c), v1 = bf16x8(w1 + c), v2 = bf16x8(w2 + c),
+                       v3 = bf16x8(w3 + c);
+                __m256 xv = _mm256_loadu_ps(xa + c);
+                a0 = _mm256_fmadd_ps(v0, xv, a0);
+                a1 = _mm256_fmadd_ps(v1, xv, a1);
+                a2 = _mm256_fmadd_ps(v2, xv, a2);
+                a3 = _mm256_fmadd_ps(v3, xv, a3);
+                xv = _mm256_loadu_ps(xb + c);
+                b0 = _mm256_fmadd_ps(v0, xv, b0);
+                b1 = _mm256_fmadd_ps(v1, xv, b1);
+                b2 = _mm256_fmadd_ps(v2, xv, b2);
+                b3 = _mm256_fmadd_ps(v3, xv, b3);
+            }
+            float ta[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+            float tb[4] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
+            for (int c = body; c < cols; c++)
+                for (int j = 0; j < 4; j++) {
+                    ta[j] += bf16_to_float(w0[(size_t)j * stride + c]) * xa[c];
+                    tb[j] += bf16_to_float(w0[(size_t)j * stride + c]) * xb[c];
+                }
+            memcpy(y + (size_t)i * ldy + r, ta, sizeof ta);
+            memcpy(y + (size_t)(i + 1) * ldy + r, tb, sizeof tb);
+        }
+        if (i < m) bf16_rows_avx2(w, stride, cols, x + (size_t)i * ldx, y + (size_t)i * ldy, r, r + 4);
+    }
+    if (r < r1)
+        for (int i = 0; i < m; i++)
+            bf16_rows_portable(w, stride, cols, x + (size_t)i * ldx, y + (size_t)i * ldy, r, r1);
+}
 #endif
 
-typedef void (*rows_fn)(const uint16_t *, size_t, int, const float *, float *, int, int);
-static rows_fn bf16_rows = bf16_rows_portable;
+static void bf16_block_portable(const uint16_t *w, size_t stride, int cols, const float *x,
+                                size_t ldx, int m, float *y, size_t ldy, int r0, int r1) {
+    for (int i = 0; i < m; i++)
+        bf16_rows_portable(w, stride, cols, x + (size_t)i * ldx, y + (size_t)i * ldy, r0, r1);
+}
+
+typedef void (*block_fn)(const uint16_t *, size_t, int, const float *, size_t, int, float *,
+                         size_t, int, int);
+static block_fn bf16_block = bf16_block_portable;
+
+/* Input rows up to which bf16_block beats widening panels for sgemm (measured at the 450M
+ * shapes on a 2-core EPYC: see benchmarks/results_batch.md). */
+enum { SMALL_M = 32 };
 
 /* The helper thread's share of a product. One product at a time (`submit` is held). */
 static struct {
     const uint16_t *w;
-    size_t stride;
-    int cols;
+    size_t stride, ldx, ldy;
+    int cols, m;
     const float *x;
     float *y;
     int r0, r1;
@@ -175,18 +237,21 @@ static void *helper(void *unused) {
             pthread_cond_wait(&wake, &wake_lock);
         pthread_mutex_unlock(&wake_lock);
         seen = atomic_load_explicit(&posted, memory_order_acquire);
-        bf16_rows(share.w, share.stride, share.cols, share.x, share.y, share.r0, share.r1);
+        bf16_block(share.w, share.stride, share.cols, share.x, share.ldx, share.m, share.y,
+                   share.ldy, share.r0, share.r1);
         atomic_store_explicit(&finished, seen, memory_order_release);
     }
     return NULL;
 }
 
+/* y = x . W^T for m input rows (m <= SMALL_M), the weight rows split between this thread and
+ * the helper. */
 static void bf16_product(const uint16_t *w, size_t stride, int rows, int cols, const float *x,
-                         float *y) {
+                         size_t ldx, int m, float *y, size_t ldy) {
     /* Below ~64k weights the hand-off costs more than the second core saves. */
     int split = rows >= 64 && (size_t)rows * cols >= 65536 && pthread_mutex_trylock(&submit) == 0;
     if (!split) {
-        bf16_rows(w, stride, cols, x, y, 0, rows);
+        bf16_block(w, stride, cols, x, ldx, m, y, ldy, 0, rows);
         return;
     }
     if (!helper_started) {
@@ -195,19 +260,19 @@ static void bf16_product(const uint16_t *w, size_t stride, int rows, int cols, c
         if (pthread_create(&thread, NULL, helper, NULL) != 0) {
             helper_started = 0;
             pthread_mutex_unlock(&submit);
-            bf16_rows(w, stride, cols, x, y, 0, rows);
+            bf16_block(w, stride, cols, x, ldx, m, y, ldy, 0, rows);
             return;
         }
         pthread_detach(thread);
     }
     int half = (rows / 2 + 3) & ~3;
-    share.w = w, share.stride = stride, share.cols = cols, share.x = x, share.y = y;
-    share.r0 = half, share.r1 = rows;
+    share.w = w, share.stride = stride, share.cols = cols, share.x = x, share.ldx = ldx;
+    share.m = m, share.y = y, share.ldy = ldy, share.r0 = half, share.r1 = rows;
     pthread_mutex_lock(&wake_lock);
     unsigned ticket = atomic_fetch_add_explicit(&posted, 1, memory_order_release) + 1;
     pthread_cond_signal(&wake);
     pthread_mutex_unlock(&wake_lock);
-    bf16_rows(w, stride, cols, x, y, 0, half);
+    bf16_block(w, stride, cols, x, ldx, m, y, ldy, 0, half);
     while (atomic_load_explicit(&finished, memory_order_acquire) != ticket)
         ;
     pthread_mutex_unlock(&submit);
@@ -277,8 +342,9 @@ static void tagged_call(int order, int trans_a, int trans_b, int m, int n, int k
                 m, n, k, lda, ldb, trans_a, trans_b);
         abort();
     }
-    if (m == 2)
-        bf16_product((const uint16_t *)b, 2 * row_stride, n, 2 * k, a, c);
+    if (m / 2 <= SMALL_M)
+        bf16_product((const uint16_t *)b, 2 * row_stride, n, 2 * k, a, 2 * (size_t)k, m / 2, c,
+                     ldc);
     else
         bf16_matmul((const uint16_t *)b, 2 * row_stride, m / 2, n, 2 * k, a, c, ldc);
 }
@@ -287,7 +353,7 @@ static void tagged_call(int order, int trans_a, int trans_b, int m, int n, int k
 __attribute__((constructor)) static void pick_bf16_kernel(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        bf16_rows = bf16_rows_avx2;
+        bf16_block = bf16_block_avx2;
         widen_rows = widen_rows_avx2;
         offered_tag = BF16_TAG;
     }
