@@ -16,7 +16,12 @@ concurrency C:
 - sequential: C requests one after another with `generate` (the baseline);
 - burst: the same C requests submitted at once to a `BatchEngine` with C rows;
 - staggered: C clients in a closed loop, each submitting its next request when its previous one
-  ends, 2C requests in all, so requests join a batch that is already decoding.
+  ends, 2C requests in all, the clients' first requests spread evenly over one solo request's
+  duration, so requests join a batch that is already decoding (as a server's do).
+
+A burst's time to first token is bound by arithmetic wherever a prefill is (the CPU here): the
+last of C requests that arrive at once waits for the prefills of the C - 1 before it, whatever
+the order. The staggered runs show the engine's own cost for a request that joins.
 
 Reported: aggregate decode tokens/s (tokens after each request's first, over the wall time of the
 run after the first token), time to first token per request against its solo time (median and
@@ -68,8 +73,11 @@ def sequential(model, processor, prompts: list[str], tokens: int) -> dict:
     return {"ttft": ttft, "tps": decode_tokens / decode_time, "peak": mx.get_peak_memory()}
 
 
-def batched(model, processor, prompts: list[str], tokens: int, rows: int, clients: int) -> dict:
-    """`clients` closed-loop clients over `prompts` (clients = len(prompts): a burst)."""
+def batched(
+    model, processor, prompts: list[str], tokens: int, rows: int, clients: int, spread: float = 0.0
+) -> dict:
+    """`clients` closed-loop clients over `prompts` (clients = len(prompts): a burst), client k
+    starting `k * spread / clients` seconds after the first."""
     engine = BatchEngine(model, processor, max_rows=rows)
     queue = list(prompts)
     submitted: dict[int, float] = {}
@@ -82,10 +90,16 @@ def batched(model, processor, prompts: list[str], tokens: int, rows: int, client
         submitted[request_id] = start
 
     mx.reset_peak_memory()
-    for _ in range(min(clients, len(queue))):
-        submit()
+    begin = time.perf_counter()
+    starts = [begin + k * spread / clients for k in range(min(clients, len(queue)))]
     start_decode = None
-    while engine.busy:
+    while starts or engine.busy:
+        while starts and starts[0] <= time.perf_counter():
+            starts.pop(0)
+            submit()
+        if not engine.busy:
+            time.sleep(max(0.0, starts[0] - time.perf_counter()))
+            continue
         for request_id, chunk in engine.step():
             now = time.perf_counter()
             if request_id not in first:
@@ -129,7 +143,8 @@ def main() -> None:
         for text in loop_prompts:
             if text not in solo:
                 solo[text] = sequential(model, processor, [text], 2)["ttft"][0]
-        staggered = batched(model, processor, loop_prompts, args.tokens, c, c)
+        solo_request = statistics.median(base["ttft"]) + (args.tokens - 1) / base["tps"]
+        staggered = batched(model, processor, loop_prompts, args.tokens, c, c, spread=solo_request)
 
         def ratios(run, texts):
             values = [t / solo[p] for t, p in zip(run["ttft"], texts, strict=True)]

@@ -152,12 +152,22 @@ __attribute__((target("avx2,fma"))) static void bf16_block_avx2(const uint16_t *
     for (; r + 4 <= r1; r += 4) {
         const uint16_t *w0 = w + (size_t)r * stride, *w1 = w0 + stride, *w2 = w1 + stride,
                        *w3 = w2 + stride;
+        /* The next block's rows, fetched while this block is multiplied: the hardware
+         * prefetcher runs only a few lines ahead, so the later passes over a block (from cache)
+         * would otherwise leave memory idle. */
+        const uint16_t *next = r + 8 <= r1 ? w3 + stride : NULL;
         int i = 0;
         for (; i + 2 <= m; i += 2) {
             const float *xa = x + (size_t)i * ldx, *xb = xa + ldx;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int c = 0; c < body; c += 8) {
+                if (next && i == 0 && (c & 31) == 0) {
+                    _mm_prefetch((const char *)(next + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(next + stride + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(next + 2 * stride + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(next + 3 * stride + c), _MM_HINT_T0);
+                }
                 __m256 v0 = bf16x8(w0 + c), v1 = bf16x8(w1 + c), v2 = bf16x8(w2 + c),
                        v3 = bf16x8(w3 + c);
                 __m256 xv = _mm256_loadu_ps(xa + c);
