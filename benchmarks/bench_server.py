@@ -15,8 +15,11 @@ prompts differ), streamed:
   client (JSON, server-sent events, the server's translation and prompt cache).
 
 Both decode the same tokens (greedy, same rows), so the difference is the server's cost.
-Reported: requests/s, time to first token (send to the first text, median), the mean latency
-of a request, and the server's overhead per request (its mean latency minus the library's).
+Both ask for log-probabilities, so every token reaches the client as a chunk (a random-weight
+model's first tokens often decode to no text yet). Reported, medians over `--rounds`
+interleaved rounds: requests/s, time to first token (send to the first token's chunk, median),
+the mean latency of a request, and the server's overhead per request (its mean latency minus
+the library's).
 """
 
 from __future__ import annotations
@@ -76,12 +79,16 @@ def closed_loop(one, prompts: list[str], clients: int) -> dict:
     }
 
 
+def median_of(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def library_request(worker: BatchWorker, tokens: int):
     def one(text: str) -> tuple[float, float]:
         start = time.perf_counter()
         first = None
-        for chunk in worker.submit(text, max_tokens=tokens, temperature=0.0):
-            if first is None and chunk.text:
+        for chunk in worker.submit(text, max_tokens=tokens, temperature=0.0, logprobs=True):
+            if first is None and chunk.token is not None:
                 first = time.perf_counter() - start
         return first or time.perf_counter() - start, time.perf_counter() - start
 
@@ -97,10 +104,11 @@ def server_request(client, model: str, tokens: int):
             messages=[{"role": "user", "content": text}],
             max_tokens=tokens,
             temperature=0,
+            logprobs=True,
             stream=True,
         )
         for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
+            if first is None and chunk.choices and chunk.choices[0].logprobs:
                 first = time.perf_counter() - start
         return first or time.perf_counter() - start, time.perf_counter() - start
 
@@ -130,21 +138,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import openai
 
     runs = {
         c: [prompt(1000 * c + i) for i in range(c * args.requests_per_client)] for c in args.clients
     }
-    library = {}
-    model, processor = load(args.model)
-    with BatchWorker(model, processor, max_rows=MAX_ROWS) as worker:
-        one = library_request(worker, args.tokens)
-        closed_loop(one, [prompt(-1), prompt(-2)], 2)  # warm-up
-        for c, prompts in runs.items():
-            library[c] = closed_loop(one, prompts, c)
-    del model, processor, worker
-
+    library: dict[int, list[dict]] = {c: [] for c in args.clients}
+    server: dict[int, list[dict]] = {c: [] for c in args.clients}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -153,9 +155,18 @@ def main() -> None:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600, max_retries=0
         )
-        one = server_request(client, str(args.model), args.tokens)
-        closed_loop(one, [prompt(-1), prompt(-2)], 2)
-        server = {c: closed_loop(one, prompts, c) for c, prompts in runs.items()}
+        by_server = server_request(client, str(args.model), args.tokens)
+        model, processor = load(args.model)
+        with BatchWorker(model, processor, max_rows=MAX_ROWS) as worker:
+            by_library = library_request(worker, args.tokens)
+            for one in (by_library, by_server):  # warm-up
+                closed_loop(one, [prompt(-1), prompt(-2)], 2)
+            # Interleaved: each round runs every client count through both, so a slower
+            # stretch of the machine falls on both alike.
+            for _ in range(args.rounds):
+                for c, prompts in runs.items():
+                    library[c].append(closed_loop(by_library, prompts, c))
+                    server[c].append(closed_loop(by_server, prompts, c))
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -167,7 +178,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for c in args.clients:
-        lib, srv = library[c], server[c]
+        lib, srv = median_of(library[c]), median_of(server[c])
         print(
             f"| {c} | {lib['rps']:.2f} | {srv['rps']:.2f} | {lib['ttft'] * 1e3:.0f} ms "
             f"| {srv['ttft'] * 1e3:.0f} ms | {lib['latency'] * 1e3:.0f} ms "

@@ -623,6 +623,15 @@ class BatchWorker:
             raise Lfm2VlError("this BatchWorker is closed")
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # MLX (0.32) gives every thread streams of its own and tears down those of a thread
+            # that ended without this call only at interpreter exit, where doing so aborts the
+            # process now and then ("terminate called without an active exception").
+            mx.clear_streams()
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self.engine.busy and not self._closed:
