@@ -100,7 +100,7 @@ print("ok")
 
 
 # bf16 weights times float32 rows in the forwarder (`ops.bf16_matmul`), against float64
-# products of the same values: up to 32 rows (their own kernel; shapes around its 4-row blocks
+# products of the same values: up to 48 rows (their own kernel; shapes around its 4-row blocks
 # and its two-thread split) and more (panels widened for sgemm).
 _BF16_PRODUCTS_CHECK = r"""
 import mlx.core as mx
@@ -122,12 +122,12 @@ for (rows, cols), m in zip(shapes * 2, [1] * len(shapes) + [2, 3, 5, 17, 40, 9, 
         bound = 1e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
         if got.shape != (1, m, rows) or not (np.abs(got - want) <= bound).all():
             raise SystemExit(f"{m} x {rows}x{cols} {name}: max error {np.abs(got - want).max()}")
-# Up to 32 rows share each read of the weight (a batched decode step); every row's products must
+# Up to 48 rows share each read of the weight (a batched decode step); every row's products must
 # be bitwise those of the row alone, whatever its neighbours, or a request's answer would depend
 # on its batch.
 for rows, cols in [(1030, 4608), (257, 300), (64, 1024)]:
     w = mx.array(rng.standard_normal((rows, cols)).astype(np.float32)).astype(mx.bfloat16)
-    for m in (2, 3, 8, 31, 32):
+    for m in (2, 3, 8, 31, 48):
         x = mx.array(rng.standard_normal((m, cols)).astype(np.float32))
         together = np.array(bf16_matmul(w, x))
         for i in range(m):

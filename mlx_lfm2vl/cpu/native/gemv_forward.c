@@ -209,9 +209,10 @@ typedef void (*block_fn)(const uint16_t *, size_t, int, const float *, size_t, i
                          size_t, int, int);
 static block_fn bf16_block = bf16_block_portable;
 
-/* Input rows up to which bf16_block beats widening panels for sgemm (measured at the 450M
- * shapes on a 2-core EPYC: see benchmarks/results_batch.md). */
-enum { SMALL_M = 32 };
+/* Input rows up to which bf16_block is faster than widening panels for sgemm. Measured on the
+ * 450M LM's 65 products (bf16 weights from memory, 2-core EPYC): 33 rows 215 vs 310 ms, 48 rows
+ * 311 vs 323 ms, 64 rows 406 vs 363 ms. */
+enum { SMALL_M = 48 };
 
 /* The helper thread's share of a product. One product at a time (`submit` is held). */
 static struct {
