@@ -36,7 +36,8 @@ import urllib.request
 from pathlib import Path
 
 from mlx_lfm2vl import load
-from mlx_lfm2vl.batch import BatchWorker
+from mlx_lfm2vl.batch import BatchWorker, PromptCache
+from mlx_lfm2vl.server import DEFAULT_PROMPT_CACHE_MB
 
 WORDS = (
     "Describe the picture of a city street at night with cars people and bright shop windows "
@@ -142,8 +143,12 @@ def main() -> None:
     args = parser.parse_args()
     import openai
 
+    # Every request of every round is a new prompt: the server's prompt cache, which the
+    # library's worker has too, then reuses only the chat template's opening, for both alike.
     runs = {
-        c: [prompt(1000 * c + i) for i in range(c * args.requests_per_client)] for c in args.clients
+        (r, c): [prompt(100000 * r + 1000 * c + i) for i in range(c * args.requests_per_client)]
+        for r in range(args.rounds)
+        for c in args.clients
     }
     library: dict[int, list[dict]] = {c: [] for c in args.clients}
     server: dict[int, list[dict]] = {c: [] for c in args.clients}
@@ -157,16 +162,16 @@ def main() -> None:
         )
         by_server = server_request(client, str(args.model), args.tokens)
         model, processor = load(args.model)
-        with BatchWorker(model, processor, max_rows=MAX_ROWS) as worker:
+        cache = PromptCache(int(DEFAULT_PROMPT_CACHE_MB * (1 << 20)))
+        with BatchWorker(model, processor, max_rows=MAX_ROWS, prompt_cache=cache) as worker:
             by_library = library_request(worker, args.tokens)
             for one in (by_library, by_server):  # warm-up
                 closed_loop(one, [prompt(-1), prompt(-2)], 2)
             # Interleaved: each round runs every client count through both, so a slower
             # stretch of the machine falls on both alike.
-            for _ in range(args.rounds):
-                for c, prompts in runs.items():
-                    library[c].append(closed_loop(by_library, prompts, c))
-                    server[c].append(closed_loop(by_server, prompts, c))
+            for (_, c), prompts in runs.items():
+                library[c].append(closed_loop(by_library, prompts, c))
+                server[c].append(closed_loop(by_server, prompts, c))
     finally:
         process.terminate()
         process.wait(timeout=60)
