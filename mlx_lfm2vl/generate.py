@@ -17,7 +17,6 @@ call, so two models (or two generations, one after the other) never see each oth
 
 from __future__ import annotations
 
-import math
 import numbers
 import random
 import sys
@@ -606,24 +605,10 @@ def _cli():
     # click is imported here so `import mlx_lfm2vl` does not pay for it.
     import click
 
-    def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-        # click's FloatRange lets nan through (every comparison with it is false) and inf.
-        if value is not None and not math.isfinite(value):
-            raise click.BadParameter(f"{value} is not a finite number.")
-        return value
+    from .cli_options import command, image_options, model_option, sampling_options, seed_option
 
-    from . import __version__
-
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-    )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
-    @click.option(
-        "--model",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id.",
-    )
+    @command()
+    @model_option(DEFAULT_MODEL)
     @click.option(
         "--image",
         "images",
@@ -646,73 +631,9 @@ def _cli():
         show_default=True,
         help="Most tokens to generate.",
     )
-    @click.option(
-        "--temperature",
-        type=click.FloatRange(min=0),
-        callback=finite,
-        default=None,
-        help="Sampling temperature. 0 is greedy decoding: the most likely token, with no "
-        "repetition penalty unless --repetition-penalty (or the checkpoint) sets one. "
-        "Default: the checkpoint's, else 0.1.",
-    )
-    @click.option(
-        "--top-p",
-        type=click.FloatRange(0, 1, min_open=True),
-        callback=finite,
-        default=None,
-        help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
-    )
-    @click.option(
-        "--top-k",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Keep the K most likely tokens (0 disables). Default: the checkpoint's, else 0.",
-    )
-    @click.option(
-        "--min-p",
-        type=click.FloatRange(0, 1),
-        callback=finite,
-        default=None,
-        help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
-    )
-    @click.option(
-        "--repetition-penalty",
-        type=click.FloatRange(min=0, min_open=True),
-        callback=finite,
-        default=None,
-        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else "
-        "1.05 when sampling and none when greedy (--temperature 0).",
-    )
-    @click.option(
-        "--min-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Fewest image tokens of a single view or thumbnail (smaller images are upscaled). "
-        "Default: the checkpoint's processor config.",
-    )
-    @click.option(
-        "--max-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Token budget of an image encoded as one view (and of a tiled image's thumbnail). "
-        "With splitting on, it also sets when an image is tiled: above N x 1024 x the "
-        "checkpoint's max_pixels_tolerance (1.5 or 2) pixels it becomes 512x512 tiles of 256 "
-        "tokens each plus the thumbnail, so a LOWER value can give MORE tokens (an 800x600 "
-        "photo: 1590 tokens at 64, 234 at 256). As in the reference, each side of a view keeps "
-        "at least 32 pixels, so a very thin image exceeds it (1x10000: one view of 1600 tokens "
-        "at 256). Default: the checkpoint's processor config.",
-    )
-    @click.option(
-        "--no-image-splitting",
-        is_flag=True,
-        help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
-    )
-    @click.option(
-        "--seed",
-        type=click.IntRange(0, 2**64 - 1),
-        default=None,
-        help="Seed for reproducible sampling (0 to 2**64 - 1).",
-    )
+    @sampling_options()
+    @image_options()
+    @seed_option("Seed for reproducible sampling (0 to 2**64 - 1).")
     @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
     def cli(
         model: str,

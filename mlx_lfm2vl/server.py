@@ -712,20 +712,11 @@ def _require_web_stack() -> None:
 def _cli():
     import click
 
-    from . import __version__
+    from .cli_options import command, model_option
     from .generate import DEFAULT_MODEL
 
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-    )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
-    @click.option(
-        "--model",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id; also the "
-        "model name clients send.",
-    )
+    @command()
+    @model_option(DEFAULT_MODEL, "; also the model name clients send")
     @click.option(
         "--host",
         default=DEFAULT_HOST,
