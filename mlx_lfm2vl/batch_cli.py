@@ -473,7 +473,15 @@ def _cli():
     # click is imported here, as in generate.py: importing this module stays cheap.
     import click
 
-    from .cli_options import command, image_options, model_option, sampling_options, seed_option
+    from .cli_options import (
+        command,
+        image_options,
+        max_rows_option,
+        max_tokens_option,
+        model_option,
+        sampling_options,
+        seed_option,
+    )
 
     @command()
     @model_option(DEFAULT_MODEL)
@@ -507,20 +515,10 @@ def _cli():
         help="The prompt of every image (--images), or of request lines without one (--requests).",
     )
     @click.option("--system", default=None, help="System message for the string prompts.")
-    @click.option(
-        "--max-rows",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_ROWS,
-        show_default=True,
-        help="Requests decoded together; a new one joins as one finishes.",
+    @max_rows_option(
+        DEFAULT_MAX_ROWS, "Requests decoded together; a new one joins as one finishes."
     )
-    @click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_TOKENS,
-        show_default=True,
-        help="Most tokens to generate per request.",
-    )
+    @max_tokens_option(DEFAULT_MAX_TOKENS, "Most tokens to generate per request.")
     @sampling_options()
     @click.option(
         "--stop", "stops", multiple=True, help="Stop string (not in the text); repeat for several."
@@ -762,11 +760,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors print one line on stderr; failed requests are error rows, not a failed run."""
     import click
 
+    from .cli_options import run_command
+
+    interrupted = "interrupted: the rows written so far are kept; rerun to resume"
     try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.batch", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
+        return run_command(_cli(), argv, "python -m mlx_lfm2vl.batch", interrupted)
     except _OtherRankFailed:
         click.echo(
             "error: another process of this mlx.launch run failed or was lost (see its "
@@ -774,13 +772,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             err=True,
         )
         return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: the rows written so far are kept; rerun to resume", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
 
 
 def run() -> None:

@@ -8,12 +8,13 @@ drift apart. Only the command lines import this module (inside their `_cli()`), 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from . import __version__
+from .errors import Lfm2VlError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -129,5 +130,37 @@ def image_options() -> Decorator:
     )
 
 
+def max_rows_option(default: int, help: str) -> Decorator:
+    return click.option(
+        "--max-rows", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
+def max_tokens_option(default: int, help: str) -> Decorator:
+    return click.option(
+        "--max-tokens", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
 def seed_option(help: str) -> Decorator:
     return click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help=help)
+
+
+def run_command(
+    cli: click.Command, argv: Sequence[str] | None, prog_name: str, interrupted: str
+) -> int:
+    """Run a command line (arguments from `sys.argv` when None); its exit code. A user error
+    (`Lfm2VlError`, a bad option) prints one line on stderr; Ctrl-C prints `interrupted` and
+    gives 130. Other exceptions propagate, for the caller to word."""
+    try:
+        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except Lfm2VlError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo(interrupted, err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        return e.exit_code
+    return 0

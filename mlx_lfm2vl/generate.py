@@ -474,6 +474,18 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+# The sampling keywords of `generate` (and of `Chat`'s turns and `BatchEngine.submit`), which
+# `SamplingSettings` fills in from the checkpoint's defaults.
+SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+)
+
+
 def checkpoint_sampling(processor: Processor) -> SamplingSettings:
     """The sampling defaults of the checkpoint a processor was loaded from.
 
@@ -605,7 +617,14 @@ def _cli():
     # click is imported here so `import mlx_lfm2vl` does not pay for it.
     import click
 
-    from .cli_options import command, image_options, model_option, sampling_options, seed_option
+    from .cli_options import (
+        command,
+        image_options,
+        max_tokens_option,
+        model_option,
+        sampling_options,
+        seed_option,
+    )
 
     @command()
     @model_option(DEFAULT_MODEL)
@@ -624,13 +643,7 @@ def _cli():
         "(then one marker per --image); without markers the images go before it.",
     )
     @click.option("--system", default=None, help="Optional system message.")
-    @click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_TOKENS,
-        show_default=True,
-        help="Most tokens to generate.",
-    )
+    @max_tokens_option(DEFAULT_MAX_TOKENS, "Most tokens to generate.")
     @sampling_options()
     @image_options()
     @seed_option("Seed for reproducible sampling (0 to 2**64 - 1).")
@@ -753,24 +766,9 @@ def _cli():
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (arguments from `sys.argv` when None); returns the exit code. User
     errors print one line on stderr."""
-    import click
+    from .cli_options import run_command
 
-    try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.generate", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        click.echo("interrupted", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
+    return run_command(_cli(), argv, "python -m mlx_lfm2vl.generate", interrupted="aborted")
 
 
 def run() -> None:
