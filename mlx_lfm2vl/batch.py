@@ -49,6 +49,7 @@ from .errors import ContextLengthError, Lfm2VlError
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
+    SAMPLING_OPTIONS,
     Answer,
     GenerationChunk,
     GenerationResult,
@@ -67,15 +68,7 @@ if TYPE_CHECKING:
     from .processor import ProcessedInputs, Processor
 
 DEFAULT_MAX_ROWS = 16
-_SAMPLING_OPTIONS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "repetition_context_size",
-)
-_REQUEST_OPTIONS = (*_SAMPLING_OPTIONS, "max_tokens", "seed", "stop", "logits_processors")
+_REQUEST_OPTIONS = (*SAMPLING_OPTIONS, "max_tokens", "seed", "stop", "logits_processors")
 
 
 @dataclass
@@ -238,7 +231,7 @@ class BatchEngine:
         request = {k: options.pop(k) for k in _REQUEST_OPTIONS if k in options}
         json_schema = options.pop("json_schema", None)
         settings = checkpoint_sampling(self.processor).override(
-            **{k: request.get(k) for k in _SAMPLING_OPTIONS}
+            **{k: request.get(k) for k in SAMPLING_OPTIONS}
         )
         sampler = settings.sampler()  # invalid values fail here
         processors = settings.logits_processors() + list(request.get("logits_processors", ()))

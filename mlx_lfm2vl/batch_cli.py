@@ -473,23 +473,18 @@ def _cli():
     # click is imported here, as in generate.py: importing this module stays cheap.
     import click
 
-    def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise click.BadParameter(f"{value} is not a finite number.")
-        return value
-
-    from . import __version__
-
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    from .cli_options import (
+        command,
+        image_options,
+        max_rows_option,
+        max_tokens_option,
+        model_option,
+        sampling_options,
+        seed_option,
     )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
-    @click.option(
-        "--model",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id.",
-    )
+
+    @command()
+    @model_option(DEFAULT_MODEL)
     @click.option(
         "--images",
         "patterns",
@@ -520,82 +515,18 @@ def _cli():
         help="The prompt of every image (--images), or of request lines without one (--requests).",
     )
     @click.option("--system", default=None, help="System message for the string prompts.")
-    @click.option(
-        "--max-rows",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_ROWS,
-        show_default=True,
-        help="Requests decoded together; a new one joins as one finishes.",
+    @max_rows_option(
+        DEFAULT_MAX_ROWS, "Requests decoded together; a new one joins as one finishes."
     )
-    @click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_TOKENS,
-        show_default=True,
-        help="Most tokens to generate per request.",
-    )
-    @click.option(
-        "--temperature",
-        type=click.FloatRange(min=0),
-        callback=finite,
-        default=None,
-        help="Sampling temperature; 0 is greedy. Default: the checkpoint's, else 0.1.",
-    )
-    @click.option(
-        "--top-p",
-        type=click.FloatRange(0, 1, min_open=True),
-        callback=finite,
-        default=None,
-        help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
-    )
-    @click.option(
-        "--top-k",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Keep the K most likely tokens (0 disables). Default: the checkpoint's, else 0.",
-    )
-    @click.option(
-        "--min-p",
-        type=click.FloatRange(0, 1),
-        callback=finite,
-        default=None,
-        help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
-    )
-    @click.option(
-        "--repetition-penalty",
-        type=click.FloatRange(min=0, min_open=True),
-        callback=finite,
-        default=None,
-        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else "
-        "1.05 when sampling and none when greedy.",
-    )
+    @max_tokens_option(DEFAULT_MAX_TOKENS, "Most tokens to generate per request.")
+    @sampling_options()
     @click.option(
         "--stop", "stops", multiple=True, help="Stop string (not in the text); repeat for several."
     )
-    @click.option(
-        "--min-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Fewest image tokens of a view (see generate --help). Default: the checkpoint's.",
-    )
-    @click.option(
-        "--max-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Token budget of a view; a lower value can tile an image into MORE tokens (see "
-        "python -m mlx_lfm2vl.generate --help). Default: the checkpoint's.",
-    )
-    @click.option(
-        "--no-image-splitting",
-        is_flag=True,
-        help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
-    )
-    @click.option(
-        "--seed",
-        type=click.IntRange(0, 2**64 - 1),
-        default=None,
-        help="Seed of every request (its answer is then the same whatever it is batched "
-        "with); a request's own seed wins. Default: random.",
+    @image_options()
+    @seed_option(
+        "Seed of every request (its answer is then the same whatever it is batched with); a "
+        "request's own seed wins. Default: random."
     )
     @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
     @click.option("--verbose", is_flag=True, help="Also print model, device and speed to stderr.")
@@ -829,11 +760,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors print one line on stderr; failed requests are error rows, not a failed run."""
     import click
 
+    from .cli_options import run_command
+
+    interrupted = "interrupted: the rows written so far are kept; rerun to resume"
     try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.batch", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
+        return run_command(_cli(), argv, "python -m mlx_lfm2vl.batch", interrupted)
     except _OtherRankFailed:
         click.echo(
             "error: another process of this mlx.launch run failed or was lost (see its "
@@ -841,13 +772,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             err=True,
         )
         return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: the rows written so far are kept; rerun to resume", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
 
 
 def run() -> None:

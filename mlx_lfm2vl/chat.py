@@ -27,6 +27,7 @@ from .errors import Lfm2VlError
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
+    SAMPLING_OPTIONS,
     GenerationChunk,
     GenerationResult,
     _check_seed,
@@ -41,16 +42,8 @@ if TYPE_CHECKING:
     from .models.lfm2_vl import Lfm2VlModel
     from .processor import Processor
 
-_SAMPLING_OPTIONS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "repetition_context_size",
-)
 _TURN_OPTIONS = (
-    *_SAMPLING_OPTIONS,
+    *SAMPLING_OPTIONS,
     "max_tokens",
     "stop",
     "seed",
@@ -140,7 +133,7 @@ class Chat:
         _check_options(options)
         options = {**self.options, **options}
         settings = checkpoint_sampling(self.processor).override(
-            **{k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}
+            **{k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
         )
         settings.sampler()  # invalid values fail before any work
         settings.logits_processors()

@@ -17,7 +17,6 @@ call, so two models (or two generations, one after the other) never see each oth
 
 from __future__ import annotations
 
-import math
 import numbers
 import random
 import sys
@@ -475,6 +474,18 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+# The sampling keywords of `generate` (and of `Chat`'s turns and `BatchEngine.submit`), which
+# `SamplingSettings` fills in from the checkpoint's defaults.
+SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+)
+
+
 def checkpoint_sampling(processor: Processor) -> SamplingSettings:
     """The sampling defaults of the checkpoint a processor was loaded from.
 
@@ -606,24 +617,17 @@ def _cli():
     # click is imported here so `import mlx_lfm2vl` does not pay for it.
     import click
 
-    def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-        # click's FloatRange lets nan through (every comparison with it is false) and inf.
-        if value is not None and not math.isfinite(value):
-            raise click.BadParameter(f"{value} is not a finite number.")
-        return value
-
-    from . import __version__
-
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    from .cli_options import (
+        command,
+        image_options,
+        max_tokens_option,
+        model_option,
+        sampling_options,
+        seed_option,
     )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
-    @click.option(
-        "--model",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id.",
-    )
+
+    @command()
+    @model_option(DEFAULT_MODEL)
     @click.option(
         "--image",
         "images",
@@ -639,80 +643,10 @@ def _cli():
         "(then one marker per --image); without markers the images go before it.",
     )
     @click.option("--system", default=None, help="Optional system message.")
-    @click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_TOKENS,
-        show_default=True,
-        help="Most tokens to generate.",
-    )
-    @click.option(
-        "--temperature",
-        type=click.FloatRange(min=0),
-        callback=finite,
-        default=None,
-        help="Sampling temperature. 0 is greedy decoding: the most likely token, with no "
-        "repetition penalty unless --repetition-penalty (or the checkpoint) sets one. "
-        "Default: the checkpoint's, else 0.1.",
-    )
-    @click.option(
-        "--top-p",
-        type=click.FloatRange(0, 1, min_open=True),
-        callback=finite,
-        default=None,
-        help="Nucleus sampling mass (1 disables). Default: the checkpoint's, else 1.",
-    )
-    @click.option(
-        "--top-k",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Keep the K most likely tokens (0 disables). Default: the checkpoint's, else 0.",
-    )
-    @click.option(
-        "--min-p",
-        type=click.FloatRange(0, 1),
-        callback=finite,
-        default=None,
-        help="Drop tokens below P x the top probability. Default: the checkpoint's, else 0.15.",
-    )
-    @click.option(
-        "--repetition-penalty",
-        type=click.FloatRange(min=0, min_open=True),
-        callback=finite,
-        default=None,
-        help="Penalty for tokens already seen (1 disables). Default: the checkpoint's, else "
-        "1.05 when sampling and none when greedy (--temperature 0).",
-    )
-    @click.option(
-        "--min-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Fewest image tokens of a single view or thumbnail (smaller images are upscaled). "
-        "Default: the checkpoint's processor config.",
-    )
-    @click.option(
-        "--max-image-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Token budget of an image encoded as one view (and of a tiled image's thumbnail). "
-        "With splitting on, it also sets when an image is tiled: above N x 1024 x the "
-        "checkpoint's max_pixels_tolerance (1.5 or 2) pixels it becomes 512x512 tiles of 256 "
-        "tokens each plus the thumbnail, so a LOWER value can give MORE tokens (an 800x600 "
-        "photo: 1590 tokens at 64, 234 at 256). As in the reference, each side of a view keeps "
-        "at least 32 pixels, so a very thin image exceeds it (1x10000: one view of 1600 tokens "
-        "at 256). Default: the checkpoint's processor config.",
-    )
-    @click.option(
-        "--no-image-splitting",
-        is_flag=True,
-        help="Encode each image as one view instead of 512x512 tiles (faster, less detail).",
-    )
-    @click.option(
-        "--seed",
-        type=click.IntRange(0, 2**64 - 1),
-        default=None,
-        help="Seed for reproducible sampling (0 to 2**64 - 1).",
-    )
+    @max_tokens_option(DEFAULT_MAX_TOKENS, "Most tokens to generate.")
+    @sampling_options()
+    @image_options()
+    @seed_option("Seed for reproducible sampling (0 to 2**64 - 1).")
     @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
     def cli(
         model: str,
@@ -832,24 +766,9 @@ def _cli():
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (arguments from `sys.argv` when None); returns the exit code. User
     errors print one line on stderr."""
-    import click
+    from .cli_options import run_command
 
-    try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.generate", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        click.echo("interrupted", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
+    return run_command(_cli(), argv, "python -m mlx_lfm2vl.generate", interrupted="aborted")
 
 
 def run() -> None:

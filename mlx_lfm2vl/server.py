@@ -712,20 +712,11 @@ def _require_web_stack() -> None:
 def _cli():
     import click
 
-    from . import __version__
+    from .cli_options import command, max_rows_option, max_tokens_option, model_option
     from .generate import DEFAULT_MODEL
 
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-    )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
-    @click.option(
-        "--model",
-        default=DEFAULT_MODEL,
-        show_default=True,
-        help="Checkpoint folder (HF layout or converted) or Hugging Face hub id; also the "
-        "model name clients send.",
-    )
+    @command()
+    @model_option(DEFAULT_MODEL, "; also the model name clients send")
     @click.option(
         "--host",
         default=DEFAULT_HOST,
@@ -754,13 +745,7 @@ def _cli():
         metavar="DIR",
         help="Let requests name image files (paths or file:// URLs) inside DIR. Off by default.",
     )
-    @click.option(
-        "--max-rows",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_ROWS,
-        show_default=True,
-        help="Requests decoded together; more wait for a free row.",
-    )
+    @max_rows_option(DEFAULT_MAX_ROWS, "Requests decoded together; more wait for a free row.")
     @click.option(
         "--prompt-cache-mb",
         type=click.FloatRange(min=0),
@@ -782,12 +767,9 @@ def _cli():
         default=None,
         help="Most tokens of prompt + answer. Default: the model's max_position_embeddings.",
     )
-    @click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=DEFAULT_MAX_TOKENS,
-        show_default=True,
-        help="Answer length for requests that set no max_tokens / max_completion_tokens.",
+    @max_tokens_option(
+        DEFAULT_MAX_TOKENS,
+        "Answer length for requests that set no max_tokens / max_completion_tokens.",
     )
     @click.option(
         "--max-body-mb",
@@ -864,19 +846,9 @@ def _cli():
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (arguments from `sys.argv` when None); returns the exit code. User
     errors print one line on stderr."""
-    import click
+    from .cli_options import run_command
 
-    try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.server", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
-    except click.exceptions.Abort:
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
+    return run_command(_cli(), argv, "python -m mlx_lfm2vl.server", interrupted="stopped")
 
 
 def run() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import assert_one_line_error
 from PIL import Image
 
 from mlx_lfm2vl import generate, load
@@ -43,16 +44,6 @@ def run_batch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         env=environment(),
         cwd=cwd,
     )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode != 0
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def rows_of(path: Path) -> list[dict]:
