@@ -227,7 +227,7 @@ def encode(
         processed = processor.encode(text, example.images, spans=spans, **(image_options or {}))
     except Lfm2VlError as e:
         raise Lfm2VlError(f"{example.where}: {e}") from None
-    trained = processed.in_spans[1:]
+    trained = processed.in_spans[1:] if spans else np.zeros(0, bool)
     if not trained.any():
         raise Lfm2VlError(f"{example.where}: the assistant's messages are empty")
     ids = processed.input_ids
@@ -288,13 +288,15 @@ def batch_gradients(
     are added across `group`), each example alone, one at a time."""
     group = group or mx.distributed.init()
     value_and_grad = nn.value_and_grad(model, loss_sum)
-    total = tree_map(mx.zeros_like, model.trainable_parameters())
+    total = None
     summed = mx.array(0.0)
     for example in examples:
         loss, gradients = value_and_grad(model, example)
-        total = tree_map(mx.add, total, gradients)
+        total = gradients if total is None else tree_map(mx.add, total, gradients)
         summed = summed + loss
         mx.eval(total, summed)  # one example's graph at a time
+    if total is None:  # a process without examples in this batch still adds its share
+        total = tree_map(mx.zeros_like, model.trainable_parameters())
     counts = [
         summed,
         mx.array(float(sum(e.targets.size for e in examples))),
@@ -544,6 +546,11 @@ def train(
 
     folder_of_model = resolve_model_path(model)
     processor = Processor.from_pretrained(folder_of_model)
+    for example in train_set + valid_set:  # template errors now, not at some later step
+        try:
+            assistant_spans(processor, example.messages)
+        except Lfm2VlError as e:
+            raise Lfm2VlError(f"{example.where}: {e}") from None
     net = load_model(folder_of_model, dtype=options.dtype, backend=False)
     adapter_config = prepare_for_training(net, options)
     adapter_config["model"] = str(model)

@@ -151,3 +151,43 @@ def talking_checkpoint(checkpoint_450m, tmp_path_factory) -> Path:
     weights[embeddings] = weights[embeddings] * mx.array(known[:, None].astype(np.float32))
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
     return folder
+
+
+# Conversations for the fine-tuning tests: one with an image, one text-only with two answers.
+CONVERSATIONS = [
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+            },
+            {"role": "assistant", "content": "The cat sits on a mat."},
+        ],
+        "images": ["cat.png"],
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "How many apples are on the table?"},
+            {"role": "assistant", "content": "There are three red apples."},
+            {"role": "user", "content": "Thank you!"},
+            {"role": "assistant", "content": "Answer briefly and precisely."},
+        ]
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def conversations(tmp_path_factory) -> Path:
+    """A data folder for the trainer: train.jsonl (both conversations), valid.jsonl (the text
+    one) and the image they name."""
+    import json
+
+    from reference import random_image
+
+    folder = tmp_path_factory.mktemp("conversations")
+    random_image(200, 300, seed=2).save(folder / "cat.png")
+    lines = [json.dumps(row) + "\n" for row in CONVERSATIONS]
+    (folder / "train.jsonl").write_text("".join(lines))
+    (folder / "valid.jsonl").write_text(lines[1])
+    return folder
