@@ -18,9 +18,17 @@ from mlx_lfm2vl.convert import convert
 from mlx_lfm2vl.fuse import fuse
 from mlx_lfm2vl.fuse import main as fuse_main
 from mlx_lfm2vl.loading import load_model
-from mlx_lfm2vl.lora import LoRALinear, load_adapters
+from mlx_lfm2vl.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoRALinear,
+    load_adapters,
+    save_json,
+    save_weights,
+    trained_weights,
+)
 from mlx_lfm2vl.processor import Processor
-from mlx_lfm2vl.train import TrainOptions, train
+from mlx_lfm2vl.train import TrainOptions, prepare_for_training, train
 
 TOLERANCE = 1e-4
 OPTIONS = TrainOptions(iters=3, batch_size=2, learning_rate=1e-2, val_every=0, save_every=0)
@@ -146,3 +154,45 @@ def test_adapter_errors_and_the_fuse_command_line(checkpoint_450m, tmp_path, cap
     (target / "notes.txt").write_text("mine")
     with pytest.raises(Lfm2VlError, match="never replaced"):
         fuse(checkpoint_450m, tmp_path / "bad", target, force=True)
+
+
+def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
+    checkpoint_450m, tmp_path, monkeypatch
+):
+    """A fuse that fails while writing leaves neither the folder nor a hidden partial one; a
+    finished one converts to 8 bits, and the quantized model keeps the adapters' change."""
+    from reference import random_image
+
+    import mlx_lfm2vl.fuse
+
+    # Adapters without training: LoRA with a random lora_b, saved as the trainer saves them.
+    model = load_model(checkpoint_450m, dtype="float32", backend=False)
+    config = prepare_for_training(model, TrainOptions())
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            module.lora_b = 0.01 * mx.random.normal(module.lora_b.shape, key=mx.random.key(5))
+    adapter_path = tmp_path / "adapters"
+    adapter_path.mkdir()
+    save_json(adapter_path / ADAPTER_CONFIG, config)
+    save_weights(adapter_path / ADAPTER_WEIGHTS, trained_weights(model))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlx_lfm2vl.fuse, "_write_shards", fail)
+        with pytest.raises(OSError, match="disk full"):
+            fuse(checkpoint_450m, adapter_path, tmp_path / "fused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+    fused = fuse(checkpoint_450m, adapter_path, tmp_path / "fused").path
+    quantized = convert(fused, tmp_path / "q8", quantize=True, q_bits=8).path
+    processor = Processor.from_pretrained(quantized)
+    image = random_image(200, 300, seed=2)
+    expected = logits_of(model, processor, image)
+    base = logits_of(load(checkpoint_450m)[0], processor, image)
+    q8_model, _ = load(quantized)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in q8_model.named_modules())
+    q8 = logits_of(q8_model, processor, image)
+    # The adapters move the logits far more than 8-bit rounding does.
+    assert np.abs(q8 - expected).max() < 0.2 * np.abs(base - expected).max()
