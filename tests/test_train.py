@@ -66,9 +66,9 @@ def assert_same_step(
     """The weights after one AdamW step from the same weights. The first step moves a weight by
     lr * g / (|g| + eps) (plus the decay, lr * wd * w): about lr whatever the gradient's size, so
     where |g| is near eps (1e-8) float32 noise in g moves the weight by a visible part of lr.
-    Each weight may differ by what the two gradients' normalized values differ by, and by
-    lr / 1000 and two float32 roundings of the weight more: a step without bias correction (3.2 lr), without the decay (lr * wd * w) or
-    not taken at all differs by far more."""
+    Each weight may differ by what the two gradients' normalized values differ by, plus lr / 1000
+    and two float32 roundings of the weight: a step without bias correction (3.2 lr), without
+    the decay (lr * wd * w) or not taken at all differs by far more."""
     eps = 1e-8
     g, h = np.asarray(gradient), expected_gradient.detach().numpy()
     expected = expected.detach().numpy()
