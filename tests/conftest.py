@@ -191,3 +191,32 @@ def conversations(tmp_path_factory) -> Path:
     (folder / "train.jsonl").write_text("".join(lines))
     (folder / "valid.jsonl").write_text(lines[1])
     return folder
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(checkpoint_450m, tmp_path_factory) -> Path:
+    """An adapter folder for the 450M-like fixture without training: LoRA on every language
+    projection with a random lora_b (at its initial zero an adapter changes nothing), saved as
+    the trainer saves it."""
+    from mlx_lfm2vl.loading import load_model
+    from mlx_lfm2vl.lora import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        LoRALinear,
+        save_json,
+        save_weights,
+        trained_weights,
+    )
+    from mlx_lfm2vl.train import TrainOptions, prepare_for_training
+
+    model = load_model(checkpoint_450m, dtype="float32", backend=False)
+    config = prepare_for_training(model, TrainOptions())
+    key = mx.random.key(5)
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            key, sub = mx.random.split(key)
+            module.lora_b = 0.01 * mx.random.normal(module.lora_b.shape, key=sub)
+    folder = tmp_path_factory.mktemp("lora_adapters")
+    save_json(folder / ADAPTER_CONFIG, config)
+    save_weights(folder / ADAPTER_WEIGHTS, trained_weights(model))
+    return folder

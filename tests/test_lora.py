@@ -5,6 +5,7 @@ training model and through a fused folder; QLoRA on a quantized model trains."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,17 +19,9 @@ from mlx_lfm2vl.convert import convert
 from mlx_lfm2vl.fuse import fuse
 from mlx_lfm2vl.fuse import main as fuse_main
 from mlx_lfm2vl.loading import load_model
-from mlx_lfm2vl.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoRALinear,
-    load_adapters,
-    save_json,
-    save_weights,
-    trained_weights,
-)
+from mlx_lfm2vl.lora import LoRALinear, load_adapters
 from mlx_lfm2vl.processor import Processor
-from mlx_lfm2vl.train import TrainOptions, prepare_for_training, train
+from mlx_lfm2vl.train import TrainOptions, train
 
 TOLERANCE = 1e-4
 OPTIONS = TrainOptions(iters=3, batch_size=2, learning_rate=1e-2, val_every=0, save_every=0)
@@ -157,7 +150,7 @@ def test_adapter_errors_and_the_fuse_command_line(checkpoint_450m, tmp_path, cap
 
 
 def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
-    checkpoint_450m, tmp_path, monkeypatch
+    checkpoint_450m, lora_adapters, tmp_path, monkeypatch
 ):
     """A fuse that fails while writing leaves neither the folder nor a hidden partial one; a
     finished one converts to 8 bits, and the quantized model keeps the adapters' change."""
@@ -165,16 +158,10 @@ def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
 
     import mlx_lfm2vl.fuse
 
-    # Adapters without training: LoRA with a random lora_b, saved as the trainer saves them.
     model = load_model(checkpoint_450m, dtype="float32", backend=False)
-    config = prepare_for_training(model, TrainOptions())
-    for _, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            module.lora_b = 0.01 * mx.random.normal(module.lora_b.shape, key=mx.random.key(5))
+    load_adapters(model, lora_adapters)
     adapter_path = tmp_path / "adapters"
-    adapter_path.mkdir()
-    save_json(adapter_path / ADAPTER_CONFIG, config)
-    save_weights(adapter_path / ADAPTER_WEIGHTS, trained_weights(model))
+    shutil.copytree(lora_adapters, adapter_path)
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
