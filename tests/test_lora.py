@@ -183,3 +183,18 @@ def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
     q8 = logits_of(q8_model, processor, image)
     # The adapters move the logits far more than 8-bit rounding does.
     assert np.abs(q8 - expected).max() < 0.2 * np.abs(base - expected).max()
+
+
+def test_generate_command_line_applies_adapters(talking_checkpoint, lora_adapters, capsys):
+    from mlx_lfm2vl import generate
+    from mlx_lfm2vl.generate import main as generate_main
+
+    args = ["--model", str(talking_checkpoint), "--prompt", "Hi", "--max-tokens", "12"]
+    args += ["--temperature", "0"]
+    assert generate_main([*args, "--adapter-path", str(lora_adapters)]) == 0
+    out = capsys.readouterr().out
+    model, processor = load(talking_checkpoint, adapter_path=lora_adapters)
+    expected = generate(model, processor, "Hi", max_tokens=12, temperature=0).text
+    base, _ = load(talking_checkpoint)
+    assert expected != generate(base, processor, "Hi", max_tokens=12, temperature=0).text
+    assert out == expected + "\n"
