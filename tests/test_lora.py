@@ -51,16 +51,23 @@ def test_lora_linear_starts_as_its_base_and_fuses_to_the_same_outputs():
     assert mx.allclose(fused(x), expected, atol=1e-4)
 
 
-def test_qlora_wraps_a_quantized_layer_and_refuses_nothing_it_needs():
+def test_qlora_wraps_a_quantized_layer_and_fuses_to_the_quantized_updated_weight():
+    mx.random.seed(0)  # nn.Linear's initialisation
     base = nn.Linear(128, 64).to_quantized(group_size=64, bits=4)
-    lora = LoRALinear.from_base(base, rank=4)
+    lora = LoRALinear.from_base(base, rank=4, key=mx.random.key(0))
     assert lora.lora_a.shape == (128, 4)  # the unpacked input width
     lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape, key=mx.random.key(2))
     x = mx.random.normal((2, 128), key=mx.random.key(1))
+    target = mx.dequantize(base.weight, base.scales, base.biases, group_size=64, bits=4)
+    target = target + lora.delta()
+    assert mx.allclose(lora(x), x @ target.T + base.bias, atol=1e-4)
+    # Quantized again with the base's settings: what quantizing the updated weight gives.
     fused = lora.fuse()
-    assert isinstance(fused, nn.QuantizedLinear) and fused.bits == 4
-    # Quantized again: within the 4-bit rounding of the fused weight.
-    assert float(mx.abs(fused(x) - lora(x)).max()) < 0.1 * float(mx.abs(lora(x)).max())
+    assert isinstance(fused, nn.QuantizedLinear) and (fused.bits, fused.group_size) == (4, 64)
+    weight = mx.dequantize(fused.weight, fused.scales, fused.biases, group_size=64, bits=4)
+    expected = mx.dequantize(*mx.quantize(target, group_size=64, bits=4), group_size=64, bits=4)
+    assert mx.array_equal(weight, expected)
+    assert mx.allclose(fused(x), x @ expected.T + base.bias, atol=1e-4)
     # The gradient reaches lora_a and lora_b through the quantized base.
     grads = nn.value_and_grad(lora, lambda x: lora(x).sum())(x)[1]
     assert float(mx.abs(grads["lora_a"]).max()) > 0
