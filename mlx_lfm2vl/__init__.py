@@ -63,19 +63,23 @@ __all__ = [
 
 
 def load(
-    path_or_id: str | Path, dtype: str | mx.Dtype | None = None
+    path_or_id: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Lfm2VlModel, Processor]:
     """Load a model and its processor from a local folder or a Hugging Face hub id.
 
     The folder may hold a published checkpoint (HF layout) or one this project's converter wrote
     (quantized or not). `dtype` is the compute dtype of floating-point weights; by default float32
-    on MLX's CPU backend (its only fast path) and the stored dtype on a GPU.
+    on MLX's CPU backend (its only fast path) and the stored dtype on a GPU. `adapter_path` is a
+    folder of fine-tuned adapters (`python -m mlx_lfm2vl.lora`), applied to the loaded weights.
     """
     from .loading import load_model, resolve_model_path
     from .processor import Processor
 
     folder = resolve_model_path(path_or_id)
-    return load_model(folder, dtype=dtype), Processor.from_pretrained(folder)
+    model = load_model(folder, dtype=dtype, adapter_path=adapter_path)
+    return model, Processor.from_pretrained(folder)
 
 
 def relaunch_with_fast_blas() -> None:

@@ -647,6 +647,11 @@ def _cli():
     @sampling_options()
     @image_options()
     @seed_option("Seed for reproducible sampling (0 to 2**64 - 1).")
+    @click.option(
+        "--adapter-path",
+        default=None,
+        help="Folder of fine-tuned adapters to apply (python -m mlx_lfm2vl.lora --adapter-path).",
+    )
     @click.option("--verbose", is_flag=True, help="Print model, dtype, device and speed to stderr.")
     def cli(
         model: str,
@@ -663,6 +668,7 @@ def _cli():
         max_image_tokens: int | None,
         no_image_splitting: bool,
         seed: int | None,
+        adapter_path: str | None,
         verbose: bool,
     ) -> None:
         """Answer a prompt about images with an LFM2-VL model; the text streams to stdout.
@@ -697,7 +703,7 @@ def _cli():
         mx.reset_peak_memory()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            loaded_model, processor = load(folder)
+            loaded_model, processor = load(folder, adapter_path=adapter_path)
         for warning in caught:  # one line each, not Python's two-line format with source
             click.echo(f"warning: {warning.message}", err=True)
         settings = SamplingSettings.from_folder(folder)

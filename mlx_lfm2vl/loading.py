@@ -183,11 +183,22 @@ def _layer_quantization(
     return f"{path}.scales" in weights
 
 
-def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> Lfm2VlModel:
-    """Build the model of a checkpoint folder or hub id and load its weights; on MLX's CPU
-    backend, install the CPU backend on it (`mlx_lfm2vl.cpu.prepare`)."""
+def load_model(
+    path_or_id: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    adapter_path: str | Path | None = None,
+    backend: bool = True,
+) -> Lfm2VlModel:
+    """Build the model of a checkpoint folder or hub id and load its weights, then apply the
+    adapters of `adapter_path` (`mlx_lfm2vl.lora.load_adapters`); on MLX's CPU backend, install
+    the CPU backend on it (`mlx_lfm2vl.cpu.prepare`).
+
+    `backend=False` builds the plain model of `mlx_lfm2vl/models/` on every device, with every
+    weight in `dtype`: what training differentiates (the CPU backend's layers are for inference).
+    """
     on_cpu = computes_on_cpu()
-    if on_cpu:
+    install_cpu_backend = on_cpu and backend
+    if install_cpu_backend:
         from . import cpu  # never imported on Metal
     folder = resolve_model_path(path_or_id)
     config = ModelConfig.from_file(folder / "config.json")
@@ -209,7 +220,7 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
     if target is not None:
         # Scales and biases too: the quantized matmul computes in their dtype, and on the CPU
         # bf16 scales run ~10x slower than float32 ones.
-        keep = cpu.kept_bf16_weights(model, target) if on_cpu else set()
+        keep = cpu.kept_bf16_weights(model, target) if install_cpu_backend else set()
         weights = {
             name: value.astype(target)
             if mx.issubdtype(value.dtype, mx.floating)
@@ -219,8 +230,12 @@ def load_model(path_or_id: str | Path, dtype: str | mx.Dtype | None = None) -> L
         }
     model.load_weights(list(weights.items()), strict=True)
     weights.clear()  # the CPU backend's stacking must be able to free the unstacked weights
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
     model.eval()
-    if on_cpu:
+    if install_cpu_backend:
         cpu.prepare(model)
     mx.eval(model.parameters())
     return model

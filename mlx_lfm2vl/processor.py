@@ -65,12 +65,14 @@ class ProcessedInputs:
     input_ids: int32 (L,), with every image expanded to its tokens.
     images: the preprocessed images (views, rows/cols, tokens per view), or None.
     image_token_counts: `<image>` tokens of each image (for statistics).
+    in_spans: bool (L,), for `encode(..., spans=...)`: which tokens begin inside a span.
     """
 
     text: str
     input_ids: np.ndarray
     images: ImageBatch | None
     image_token_counts: list[int]
+    in_spans: np.ndarray | None = None
 
     @property
     def model_inputs(self) -> dict[str, mx.array]:
@@ -252,11 +254,15 @@ class Processor:
         self,
         text: str,
         images: ImageInput | Sequence[ImageInput] | None = None,
+        spans: Sequence[tuple[int, int]] = (),
         **options: Any,
     ) -> ProcessedInputs:
         """Process an already rendered prompt: the reference's `processor(text=..., images=...)`.
 
         Each `<image>` marker in `text` stands for the next image and is expanded to its tokens.
+        `spans`, character ranges [start, end) of `text` that hold no image marker (the
+        assistant's text, for a training loss), give `in_spans`: the tokens that begin inside
+        one.
         """
         images = _image_list(images)
         self._check_options(options)
@@ -277,27 +283,45 @@ class Processor:
                 f'(an {{"type": "image"}} content item in a message), in order.'
             )
         use_special = options.pop("use_image_special_tokens", self.use_image_special_tokens)
+        for start, end in spans:
+            if self.image_token in text[start:end]:
+                raise Lfm2VlError(
+                    f"a span of the text ({text[start:end][:40]!r}...) holds an image marker"
+                )
         if not images:
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            return ProcessedInputs(text, np.asarray(ids, np.int32), None, [])
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = np.asarray(encoding.ids, np.int32)
+            in_spans = _in_spans(encoding.offsets, spans) if spans else None
+            return ProcessedInputs(text, ids, None, [], in_spans)
 
         batch = self.image_processor(images, **options)
         pieces = text.split(self.image_token)
         expanded = [pieces[0]]
         counts = []
         first_view = 0
+        # Where each marker sits in `text`, and how much longer the text is after it: the spans
+        # move by the expansion of the markers before them.
+        marker_ends, growth = [], [0]
         for i, views in enumerate(batch.views_per_image):
             tokens = batch.tokens_per_view[first_view : first_view + views]
             first_view += views
             counts.append(sum(tokens))
-            expanded.append(
-                self._image_placeholder(
-                    batch.image_rows[i], batch.image_cols[i], tokens, use_special
-                )
+            placeholder = self._image_placeholder(
+                batch.image_rows[i], batch.image_cols[i], tokens, use_special
             )
-            expanded.append(pieces[i + 1])
-        ids = self.tokenizer.encode("".join(expanded), add_special_tokens=False).ids
-        return ProcessedInputs(text, np.asarray(ids, np.int32), batch, counts)
+            expanded += [placeholder, pieces[i + 1]]
+            marker_ends.append(sum(map(len, pieces[: i + 1])) + (i + 1) * len(self.image_token))
+            growth.append(growth[-1] + len(placeholder) - len(self.image_token))
+        encoding = self.tokenizer.encode("".join(expanded), add_special_tokens=False)
+        in_spans = None
+        if spans:
+            moved = [
+                tuple(p + growth[int(np.searchsorted(marker_ends, p, side="right"))] for p in span)
+                for span in spans
+            ]
+            in_spans = _in_spans(encoding.offsets, moved)
+        ids = np.asarray(encoding.ids, np.int32)
+        return ProcessedInputs(text, ids, batch, counts, in_spans)
 
     def _image_placeholder(
         self, rows: int, cols: int, tokens_per_view: list[int], use_special: bool
@@ -340,6 +364,15 @@ class Processor:
         """Token ids -> text, as the reference tokenizer's `decode` (no space clean-up)."""
         ids = np.asarray(ids).reshape(-1).tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _in_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Which tokens (character offsets [start, end)) begin inside one of `spans`."""
+    starts = np.asarray([start for start, _ in offsets], dtype=np.int64)
+    inside = np.zeros(len(starts), dtype=bool)
+    for start, end in spans:
+        inside |= (starts >= start) & (starts < end)
+    return inside
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,3 +151,72 @@ def talking_checkpoint(checkpoint_450m, tmp_path_factory) -> Path:
     weights[embeddings] = weights[embeddings] * mx.array(known[:, None].astype(np.float32))
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
     return folder
+
+
+# Conversations for the fine-tuning tests: one with an image, one text-only with two answers.
+CONVERSATIONS = [
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+            },
+            {"role": "assistant", "content": "The cat sits on a mat."},
+        ],
+        "images": ["cat.png"],
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "How many apples are on the table?"},
+            {"role": "assistant", "content": "There are three red apples."},
+            {"role": "user", "content": "Thank you!"},
+            {"role": "assistant", "content": "Answer briefly and precisely."},
+        ]
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def conversations(tmp_path_factory) -> Path:
+    """A data folder for the trainer: train.jsonl (both conversations), valid.jsonl (the text
+    one) and the image they name."""
+    import json
+
+    from reference import random_image
+
+    folder = tmp_path_factory.mktemp("conversations")
+    random_image(200, 300, seed=2).save(folder / "cat.png")
+    lines = [json.dumps(row) + "\n" for row in CONVERSATIONS]
+    (folder / "train.jsonl").write_text("".join(lines))
+    (folder / "valid.jsonl").write_text(lines[1])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(checkpoint_450m, tmp_path_factory) -> Path:
+    """An adapter folder for the 450M-like fixture without training: LoRA on every language
+    projection with a random lora_b (at its initial zero an adapter changes nothing), saved as
+    the trainer saves it."""
+    from mlx_lfm2vl.loading import load_model
+    from mlx_lfm2vl.lora import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        LoRALinear,
+        save_json,
+        save_weights,
+        trained_weights,
+    )
+    from mlx_lfm2vl.train import TrainOptions, prepare_for_training
+
+    model = load_model(checkpoint_450m, dtype="float32", backend=False)
+    config = prepare_for_training(model, TrainOptions())
+    key = mx.random.key(5)
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            key, sub = mx.random.split(key)
+            module.lora_b = 0.01 * mx.random.normal(module.lora_b.shape, key=sub)
+    folder = tmp_path_factory.mktemp("lora_adapters")
+    save_json(folder / ADAPTER_CONFIG, config)
+    save_weights(folder / ADAPTER_WEIGHTS, trained_weights(model))
+    return folder

@@ -263,11 +263,15 @@ def _decode_tokens(model, prompt: mx.array, tokens: mx.array):
     return mx.concatenate(logits, axis=1), cache
 
 
-def test_compiled_one_token_step_matches_the_layer_by_layer_path(checkpoint_450m, monkeypatch):
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "lora"])
+def test_compiled_one_token_step_matches_the_layer_by_layer_path(
+    checkpoint_450m, lora_adapters, monkeypatch, adapters
+):
+    """Also with LoRA adapters on every projection: their matrices are inputs of the trace."""
     from mlx_lfm2vl import load
     from mlx_lfm2vl.cpu.step import LayerStep
 
-    model, _ = load(checkpoint_450m)
+    model, _ = load(checkpoint_450m, adapter_path=lora_adapters if adapters else None)
     prompt = mx.array([[1, 500, 501, 502, 503, 504, 505]])
     tokens = mx.array([[600, 601, 602, 603]])
     compiled_step = LayerStep.__call__

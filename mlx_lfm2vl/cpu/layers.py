@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..lora import LoRALinear
 from ..models import lfm2, siglip2
 from . import ops
 
@@ -22,6 +23,11 @@ def swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     dict.update(swapped, module)  # parameters and child modules, under their names
     swapped.__dict__.update(module.__dict__)  # plain attributes (head counts, the RoPE, ...)
     return swapped
+
+
+def output_width(layer: nn.Module) -> int:
+    """The output width of a linear layer, float or quantized, or of the one LoRA wraps."""
+    return (layer.linear if isinstance(layer, LoRALinear) else layer).weight.shape[0]
 
 
 class CpuLinear(nn.Linear):
@@ -167,7 +173,7 @@ class CpuFeedForward(lfm2.FeedForward):
         return tuple(stack(x)) if stack is not None else super().gate_up(x)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return ops.in_row_blocks(super().__call__, x, 2 * self.w1.weight.shape[0])
+        return ops.in_row_blocks(super().__call__, x, 2 * output_width(self.w1))
 
 
 class CpuVisionAttention(siglip2.Attention):
@@ -179,4 +185,4 @@ class CpuVisionMLP(siglip2.MLP):
     """Many rows (six tiles: 6144) a block at a time."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return ops.in_row_blocks(super().__call__, x, self.fc1.weight.shape[0])
+        return ops.in_row_blocks(super().__call__, x, output_width(self.fc1))

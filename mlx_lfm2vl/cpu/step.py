@@ -34,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import ConvCache, KVCache
+from ..lora import LoRALinear
 from ..models.lfm2 import DecoderLayer, Lfm2Model
 from .layers import CpuAttention, CpuFeedForward, CpuLinear
 
@@ -64,6 +65,14 @@ def _projections(layer: DecoderLayer) -> list:
     own = [mixer[name] for name in names if name in mixer]
     ff = layer.feed_forward
     return own + [ff.w1, ff.w2, ff.w3]
+
+
+def _in_one_op(projection: nn.Module, activations: mx.Dtype) -> bool:
+    """Whether a projection runs as single ops: a CpuLinear in one op, or LoRA adapters on one
+    (its two small products compile with the rest)."""
+    if isinstance(projection, LoRALinear):
+        projection = projection.linear
+    return type(projection) is CpuLinear and projection.in_one_op(activations)
 
 
 class LayerStep:
@@ -134,9 +143,7 @@ class LayerStep:
             and all(owner.current_stack() is stack for owner, stack in self.stacks)
         ):
             self.stale = True
-        return not self.stale and all(
-            type(p) is CpuLinear and p.in_one_op(activations) for p in _projections(self.layer)
-        )
+        return not self.stale and all(_in_one_op(p, activations) for p in _projections(self.layer))
 
     def __call__(self, x: mx.array, cache: KVCache | ConvCache, offset: mx.array) -> mx.array:
         arrays = [_read(slot) for slot in self.slots]
