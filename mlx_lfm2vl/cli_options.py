@@ -130,6 +130,21 @@ def image_options() -> Decorator:
     )
 
 
+def image_settings(
+    min_image_tokens: int | None, max_image_tokens: int | None, no_image_splitting: bool
+) -> dict[str, Any]:
+    """The processor options `image_options()` gave, as keywords for generate, the batch engine
+    or the trainer: only those the user set (the checkpoint's config decides the rest)."""
+    settings: dict[str, Any] = {}
+    if min_image_tokens is not None:
+        settings["min_image_tokens"] = min_image_tokens
+    if max_image_tokens is not None:
+        settings["max_image_tokens"] = max_image_tokens
+    if no_image_splitting:
+        settings["do_image_splitting"] = False
+    return settings
+
+
 def max_rows_option(default: int, help: str) -> Decorator:
     return click.option(
         "--max-rows", type=click.IntRange(min=1), default=default, show_default=True, help=help

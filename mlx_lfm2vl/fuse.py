@@ -125,12 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code. User errors print one line on stderr."""
     import click
 
-    from . import __version__
+    from .cli_options import command as click_command
+    from .cli_options import run_command
 
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-    )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
+    @click_command()
     @click.option("--model", required=True, help="The base model the adapters were trained on.")
     @click.option(
         "--adapter-path",
@@ -164,18 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result.bytes_on_disk / 1e6:.1f} MB, {result.seconds:.1f} s"
         )
 
-    try:
-        command.main(args=argv, prog_name="python -m mlx_lfm2vl.fuse", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
+    return run_command(command, argv, "python -m mlx_lfm2vl.fuse", interrupted="aborted")
 
 
 def run() -> None:

@@ -620,6 +620,7 @@ def _cli():
     from .cli_options import (
         command,
         image_options,
+        image_settings,
         max_tokens_option,
         model_option,
         sampling_options,
@@ -714,13 +715,7 @@ def _cli():
         messages = [{"role": "user", "content": content}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        image_options: dict[str, Any] = {}
-        if min_image_tokens is not None:
-            image_options["min_image_tokens"] = min_image_tokens
-        if max_image_tokens is not None:
-            image_options["max_image_tokens"] = max_image_tokens
-        if no_image_splitting:
-            image_options["do_image_splitting"] = False
+        image_options = image_settings(min_image_tokens, max_image_tokens, no_image_splitting)
 
         chunks = stream_generate(
             loaded_model,

@@ -684,14 +684,11 @@ def _format(report: Report, iters: int) -> str:
 def _cli():
     import click
 
-    from . import __version__
+    from .cli_options import command, image_options, image_settings
 
     defaults = TrainOptions()
 
-    @click.command(
-        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-    )
-    @click.version_option(__version__, "--version", prog_name="mlx-lfm2vl")
+    @command()
     @click.option(
         "--model", required=True, help="Checkpoint folder or hub id (float or quantized)."
     )
@@ -801,9 +798,7 @@ def _cli():
         show_default=True,
         help="Compute dtype of the model's float weights.",
     )
-    @click.option("--min-image-tokens", type=click.IntRange(min=1), default=None)
-    @click.option("--max-image-tokens", type=click.IntRange(min=1), default=None)
-    @click.option("--no-image-splitting", is_flag=True, help="Each image as one view, no tiles.")
+    @image_options()
     def cli(
         model,
         data,
@@ -822,17 +817,11 @@ def _cli():
           python -m mlx_lfm2vl.lora --model LiquidAI/LFM2-VL-450M --data data/ --iters 600
           mlx.launch -n 2 -- python -m mlx_lfm2vl.lora --model M --data data/ --batch-size 8
         """
-        image_options: dict[str, Any] = {}
-        if min_image_tokens is not None:
-            image_options["min_image_tokens"] = min_image_tokens
-        if max_image_tokens is not None:
-            image_options["max_image_tokens"] = max_image_tokens
-        if no_image_splitting:
-            image_options["do_image_splitting"] = False
+        processing = image_settings(min_image_tokens, max_image_tokens, no_image_splitting)
         layers = None
         if lora_layers is not None:
             layers = tuple(name.strip() for name in lora_layers.split(",") if name.strip())
-        options = TrainOptions(lora_layers=layers, image_options=image_options, **values)
+        options = TrainOptions(lora_layers=layers, image_options=processing, **values)
         mx.reset_peak_memory()
         result = train(
             model,
@@ -850,20 +839,10 @@ def _cli():
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (arguments from `sys.argv` when None); returns the exit code. User
     errors print one line on stderr."""
-    import click
+    from .cli_options import run_command
 
-    try:
-        _cli().main(args=argv, prog_name="python -m mlx_lfm2vl.lora", standalone_mode=False)
-    except Lfm2VlError as e:
-        click.echo(f"error: {e}", err=True)
-        return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: rerun with --resume to continue from the last save", err=True)
-        return 130
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
-        return e.exit_code
-    return 0
+    interrupted = "interrupted: rerun with --resume to continue from the last save"
+    return run_command(_cli(), argv, "python -m mlx_lfm2vl.lora", interrupted)
 
 
 def run() -> None:
