@@ -442,6 +442,29 @@ def _replace_folder(tmp: Path, target: Path) -> None:
         old.unlink()
 
 
+def _write_model_folder(
+    model: nn.Module,
+    dtype: mx.Dtype,
+    raw: dict,
+    source: Path,
+    tmp: Path,
+    target: Path,
+    max_shard_bytes: int,
+    progress: Progress | None,
+) -> None:
+    """A model's weights (floats cast to `dtype`), its config and the source's tokenizer and
+    processor files written into `tmp`, which then replaces `target`."""
+    weights = {
+        name: value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+        for name, value in tree_flatten(model.parameters())
+    }
+    _write_shards(weights, tmp, max_shard_bytes, progress)
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for file in _source_files(source):
+        shutil.copy(file, tmp / file.name)
+    _replace_folder(tmp, target)
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path,
@@ -522,16 +545,7 @@ def convert(
             quantize_model(model, plan, out_dtype, progress)
             raw["quantization"] = section
         _set_dtype(raw, dtype)
-        out_weights = {
-            name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-            for name, value in tree_flatten(model.parameters())
-        }
-
-        _write_shards(out_weights, tmp, max_shard_bytes, progress)
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        for file in _source_files(source):
-            shutil.copy(file, tmp / file.name)
-        _replace_folder(tmp, target)
+        _write_model_folder(model, out_dtype, raw, source, tmp, target, max_shard_bytes, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .convert import (
@@ -33,10 +32,8 @@ from .convert import (
     _new_partial,
     _output_folder,
     _remove_stale_partials,
-    _replace_folder,
     _set_dtype,
-    _source_files,
-    _write_shards,
+    _write_model_folder,
 )
 from .errors import Lfm2VlError
 from .loading import load_model, resolve_model_path
@@ -102,16 +99,8 @@ def fuse(
     try:
         net = load_model(source, dtype=mx.float32, adapter_path=adapter_path, backend=False)
         fuse_lora(net, scales_dtype=out_dtype)
-        weights = {
-            name: value.astype(out_dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-            for name, value in tree_flatten(net.parameters())
-        }
         _set_dtype(raw, out_name)
-        _write_shards(weights, tmp, max_shard_bytes, None)
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        for file in _source_files(source):
-            shutil.copy(file, tmp / file.name)
-        _replace_folder(tmp, target)
+        _write_model_folder(net, out_dtype, raw, source, tmp, target, max_shard_bytes, None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,8 +1,24 @@
-"""Checks shared by the command-line tests."""
+"""What the command-line tests share: the checkout's environment, one-line error checks, and
+runs of several processes under `mlx.launch`."""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import socket
 import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout's package first on the path, whatever the
+    working directory (and under mlx.launch)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -15,3 +31,46 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for needle in needles:
         assert needle in lines[0]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (the ring backend takes one
+    per rank, from `mlx.launch -p PORT` up)."""
+    for _ in range(100):
+        first = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(module: str, processes: int, *args: object) -> subprocess.CompletedProcess:
+    """`python -m module args` in `processes` processes under `mlx.launch` on 127.0.0.1."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    command = [str(launcher), "-n", str(processes), "-p", str(free_ports(processes)), "--"]
+    command += [sys.executable, "-m", module, *map(str, args)]
+    # One BLAS thread each: two processes on a 2-core machine otherwise spin against each other.
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(OPENBLAS_NUM_THREADS="1"),
+        cwd=REPO,
+        start_new_session=True,  # on a timeout, the ranks go with the launcher
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

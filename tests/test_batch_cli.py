@@ -8,11 +8,8 @@ writes real text, so a row given another request's answer would show.
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,19 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_checks import assert_one_line_error
+from cli_checks import REPO, assert_one_line_error, environment, launch
 from PIL import Image
 
 from mlx_lfm2vl import generate, load
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Describe this image."
-
-
-def environment(**extra: str) -> dict[str, str]:
-    # The checkout's package, whatever the working directory (and under mlx.launch).
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def run_batch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -253,48 +243,6 @@ def test_a_run_killed_mid_write_leaves_whole_lines_and_a_rerun_completes_it(
 # --------------------------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1 (the ring backend takes one
-    per rank, from `mlx.launch -p PORT` up)."""
-    for _ in range(100):
-        first = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                sockets.append(socket.socket())
-                sockets[-1].bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    command = [str(launcher), "-n", str(processes), "-p", str(free_ports(processes)), "--"]
-    command += [sys.executable, "-m", "mlx_lfm2vl.batch", *map(str, args)]
-    # One BLAS thread each: two processes on a 2-core machine otherwise spin against each other.
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(OPENBLAS_NUM_THREADS="1"),
-        cwd=REPO,
-        start_new_session=True,  # on a timeout, the ranks go with the launcher
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 def test_two_processes_under_mlx_launch_share_the_requests_and_resume_a_killed_run(
     talking_checkpoint, photos, tmp_path
 ):
@@ -319,7 +267,7 @@ def test_two_processes_under_mlx_launch_share_the_requests_and_resume_a_killed_r
     output = tmp_path / "merged.jsonl"
     output.write_bytes(before["t0"] + before["a"] + b'{"id": "t5", "error": "earlier"}\n')
     (tmp_path / "merged.jsonl.rank1.part").write_bytes(before["t1"] + before["t2"][:20])
-    result = launch(2, *options, "--output", output)
+    result = launch("mlx_lfm2vl.batch", 2, *options, "--output", output)
     assert "Traceback" not in result.stderr, result.stderr
     assert "on 2 processes" in result.stderr  # rank 0's summary over both ranks
     assert "8 answered, 1 failed" in result.stderr and "3 done before" in result.stderr

@@ -163,7 +163,7 @@ def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
     finished one converts to 8 bits, and the quantized model keeps the adapters' change."""
     from reference import random_image
 
-    import mlx_lfm2vl.fuse
+    import mlx_lfm2vl.convert
 
     model = load_model(checkpoint_450m, dtype="float32", backend=False)
     load_adapters(model, lora_adapters)
@@ -174,7 +174,8 @@ def test_fused_folder_is_written_whole_and_the_converter_quantizes_it(
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mlx_lfm2vl.fuse, "_write_shards", fail)
+        # fuse writes its folder with the converter's writer: fail that mid-way
+        patch.setattr(mlx_lfm2vl.convert, "_write_shards", fail)
         with pytest.raises(OSError, match="disk full"):
             fuse(checkpoint_450m, adapter_path, tmp_path / "fused")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]

@@ -5,9 +5,7 @@ the loss mask, data errors, resume, and two processes under `mlx.launch`."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from cli_checks import REPO, environment, launch
 from conftest import CONVERSATIONS
 from mlx.utils import tree_flatten
 from PIL import Image
@@ -36,8 +35,6 @@ from mlx_lfm2vl.train import (
     train,
     train_step,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Relative to the largest reference value of each compared tensor.
 TOLERANCE = 1e-4
@@ -367,11 +364,6 @@ def test_reports_validation_at_start_and_end_and_lowers_the_loss(
 # ------------------------------------------------------------------------------------------
 
 
-def environment(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 def run_cli(*args, module: str = "mlx_lfm2vl.lora") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
@@ -404,37 +396,17 @@ def test_two_processes_under_mlx_launch_equal_one_on_the_whole_batch(
 ):
     """Each process takes one conversation of a batch of two; the sums are added across them:
     the losses and the adapters are those of one process on the whole batch."""
-    from test_batch_cli import free_ports
-
     common = ["--model", checkpoint_450m, "--data", conversations, "--iters", 3]
     common += ["--batch-size", 2, "--learning-rate", 1e-3, "--report-every", 1, "--val-every", 0]
     single = run_cli(*common, "--adapter-path", tmp_path / "single")
     assert single.returncode == 0, single.stderr
 
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    command = [str(launcher), "-n", "2", "-p", str(free_ports(2)), "--", sys.executable]
-    command += ["-m", "mlx_lfm2vl.lora", *map(str, common)]
-    command += ["--adapter-path", str(tmp_path / "two")]
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(OPENBLAS_NUM_THREADS="1"),
-        cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, stderr
-    assert "2 processes" in stdout
+    two = launch("mlx_lfm2vl.lora", 2, *common, "--adapter-path", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert "2 processes" in two.stdout
     expected = loss_lines(single.stdout)
     assert len(expected) == 3 and expected[-1] < expected[0]
-    assert np.allclose(loss_lines(stdout), expected, atol=2e-4)
+    assert np.allclose(loss_lines(two.stdout), expected, atol=2e-4)
     a, b = adapters(tmp_path / "single"), adapters(tmp_path / "two")
     assert a.keys() == b.keys()
     for name in a:
