@@ -3,7 +3,7 @@
 Run by hand, never part of the test suite:
 
     LD_PRELOAD="$(python -m mlx_lfm2vl.cpu)" python benchmarks/bench_batch.py \\
-        [--model /work/bench-cache/lfm2-vl-450m-real] [--tokens 64] [--concurrency 1 2 4 8 16]
+        --model FOLDER [--tokens 64] [--concurrency 1 2 4 8 16]
 
 The checkpoint is a random-weight model at the real LFM2-VL-450M shapes, stored in bf16 as
 published (`benchmarks/bench_vs_mlx_vlm.py --build` makes one; or any LFM2-VL folder). The port
@@ -116,7 +116,7 @@ def batched(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/bench-cache/lfm2-vl-450m-real"))
+    parser.add_argument("--model", type=Path, required=True, help="an LFM2-VL checkpoint folder")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = parser.parse_args()

@@ -5,7 +5,7 @@ checkpoints) and, for the comparison, the other candidates:
 
     pip install xgrammar outlines-core      # llguidance is a dependency of the package
     LD_PRELOAD="$(python -m mlx_lfm2vl.cpu)" python benchmarks/bench_constrained.py \\
-        [--cache /tmp/bench-constrained] [--docs 10] [--tokens 48] [--real-model FOLDER]
+        [--cache DIR] [--docs 10] [--tokens 48] [--real-model FOLDER]
 
 Two tokenizers: the fixtures' (byte-level BPE, 1078 tokens at ids up to 64399) and one of the
 published size (64400 ids, the special tokens at their published ids), learned here from the
@@ -416,7 +416,8 @@ def part2(models: dict[str, Path], tokens: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/bench-constrained"))
+    cache = Path.home() / ".cache" / "mlx_lfm2vl" / "bench" / "constrained"
+    parser.add_argument("--cache", type=Path, default=cache)
     parser.add_argument("--docs", type=int, default=10, help="documents per library and schema")
     parser.add_argument("--tokens", type=int, default=48, help="max tokens per end-to-end run")
     parser.add_argument("--repeats", type=int, default=5, help="end-to-end runs per setting")

@@ -3,7 +3,7 @@
 Run by hand on a quiet machine, never part of the test suite:
 
     LD_PRELOAD="$(python -m mlx_lfm2vl.cpu)" python benchmarks/bench_server.py \\
-        [--model /work/bench-cache/lfm2-vl-450m-real] [--tokens 32] [--clients 1 4 8]
+        --model FOLDER [--tokens 32] [--clients 1 4 8]
 
 The checkpoint is any LFM2-VL folder (`benchmarks/bench_vs_mlx_vlm.py --build` makes a
 random-weight one at the real 450M shapes). For each number of clients C, C closed-loop clients
@@ -135,7 +135,7 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/bench-cache/lfm2-vl-450m-real"))
+    parser.add_argument("--model", type=Path, required=True, help="an LFM2-VL checkpoint folder")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests-per-client", type=int, default=4)

@@ -1,6 +1,6 @@
 """Fine-tuning speed and memory: training tokens/s and peak memory per step.
 
-    python benchmarks/bench_train.py --model /work/bench-cache/lfm2-vl-450m-real
+    python benchmarks/bench_train.py --model FOLDER
     python benchmarks/bench_train.py --model M --modes lora,lora-checkpoint --steps 3
 
 Each example is one conversation with a tiled image (by default 1024x768: 2x2 tiles of 256
@@ -157,7 +157,7 @@ def run_mlx_vlm(python: str, model: str, data: Path, steps: int, checkpoint: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="/work/bench-cache/lfm2-vl-450m-real")
+    parser.add_argument("--model", required=True, help="an LFM2-VL checkpoint folder")
     parser.add_argument("--modes", default="lora,lora-checkpoint,full,full-checkpoint")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--image", default="1024x768", help="WIDTHxHEIGHT of the image")

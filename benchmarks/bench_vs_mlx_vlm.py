@@ -4,25 +4,26 @@ Run by hand, never part of the test suite. Setup (once):
 
     # Debian's OpenBLAS: the BLAS bundled in the mlx[cpu] wheel is the slow reference one
     apt-get install libopenblas0-pthread
-    python3 -m venv /work/bench-venv
-    /work/bench-venv/bin/pip install mlx-vlm "mlx[cpu]" -e /work/main   # the peer and this port
+    python3 -m venv ../bench-venv
+    ../bench-venv/bin/pip install mlx-vlm "mlx[cpu]" -e .   # the peer and this port
     # a second environment with torch + transformers (the project's `test` extra) builds the
-    # random-weight checkpoints and runs the transformers column; /work/venv is one
+    # random-weight checkpoints and runs the transformers column; the project's .venv is one
 
 Run (the same BLAS for every contender; the script records which one MLX loaded). The preload
 the port's README gives: OpenBLAS behind the port's gemv forwarder (`mlx_lfm2vl/cpu/blas.py`),
 which both contenders then use, since they share the process:
 
-    LD_PRELOAD="$(/work/bench-venv/bin/python -m mlx_lfm2vl.cpu)" \
-        /work/bench-venv/bin/python benchmarks/bench_vs_mlx_vlm.py \
-        --torch-python /work/venv/bin/python \
+    LD_PRELOAD="$(../bench-venv/bin/python -m mlx_lfm2vl.cpu)" \
+        ../bench-venv/bin/python benchmarks/bench_vs_mlx_vlm.py \
+        --torch-python .venv/bin/python \
         [--model lfm2-vl-450m-real] [--runs 3] [--tokens 128] [--out results.md]
 
 With `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0` instead, both run on plain OpenBLAS.
 
 Random-weight checkpoints at the real shapes (`tests/checkpoints.py`, stored in bf16 as
-published) are built once with `--torch-python` and cached in `--cache` (/work/bench-cache by
-default). mlx-vlm loads the same HF-layout folder (its `sanitize` maps the names); it keeps the
+published) are built once with `--torch-python` and cached in `--cache`
+(~/.cache/mlx_lfm2vl/bench by default). mlx-vlm loads the same HF-layout folder (its
+`sanitize` maps the names); it keeps the
 stored bf16, so for the float32 columns the benchmark casts its weights with
 `model.set_dtype(mx.float32)` right after `load()` (inside the timed load). This port's `load()`
 computes in float32 on the CPU by default; with the forwarder preloaded it keeps the language
@@ -393,7 +394,8 @@ def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lfm2-vl-450m-real", choices=sorted(REAL_SHAPES))
-    parser.add_argument("--cache", type=Path, default=Path("/work/bench-cache"))
+    cache = Path.home() / ".cache" / "mlx_lfm2vl" / "bench"
+    parser.add_argument("--cache", type=Path, default=cache)
     parser.add_argument("--dtype", default="float32", help="compute dtype of both contenders")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
