@@ -60,6 +60,10 @@ TRAINING_STATE = "training_state.json"
 _RUN_OPTIONS = (
     "batch_size",
     "learning_rate",
+    "lr_schedule",
+    "warmup",
+    "grad_clip",
+    "pad_batch",
     "weight_decay",
     "lora_rank",
     "lora_scale",
@@ -80,6 +84,9 @@ class TrainOptions:
     iters: int = 1000
     batch_size: int = 4
     learning_rate: float = 1e-5
+    lr_schedule: str = "constant"  # or "cosine": down to 1% of learning_rate at the last step
+    warmup: int = 0  # steps of linear warm-up from 1% of learning_rate
+    grad_clip: float = 0.0  # largest global gradient norm (0: no clipping)
     weight_decay: float = 0.0
     lora_rank: int = 8
     lora_scale: float = 20.0
@@ -92,6 +99,7 @@ class TrainOptions:
     report_every: int = 10  # steps per training-loss report
     resume: bool = False
     grad_checkpoint: bool = False  # recompute layer activations in the backward pass
+    pad_batch: bool = False  # a step's conversations in one padded pass (faster, more memory)
     seed: int = 0
     dtype: str = "float32"
     image_options: dict[str, Any] = field(default_factory=dict)  # max_image_tokens, ...
@@ -273,6 +281,40 @@ def loss_sum(model: Lfm2VlModel, example: Encoded) -> mx.array:
     return nn.losses.cross_entropy(logits, example.targets, reduction="sum")
 
 
+def padded_loss_sum(model: Lfm2VlModel, examples: Sequence[Encoded]) -> mx.array:
+    """`loss_sum` of several examples added up, computed in one pass: every view of every
+    image through the vision tower at once (views of one grid as one batch), then the token
+    sequences right-padded into one (B, L) batch. The language model is causal in its attention
+    and its convolutions alike, so padding after a sequence changes none of its positions."""
+    features = None
+    with_images = [e for e in examples if e.pixel_values is not None]
+    if with_images:
+        features = model.get_image_features(
+            mx.concatenate([e.pixel_values for e in with_images]),
+            mx.concatenate([e.spatial_shapes for e in with_images]),
+        )
+    image_token = model.config.image_token_id
+    rows, used = [], 0
+    for example in examples:
+        if example.pixel_values is None:
+            rows.append(model.get_input_embeddings(example.input_ids))
+            continue
+        n = int((np.asarray(example.input_ids) == image_token).sum())
+        mine = features[used : used + n]
+        rows.append(model.get_input_embeddings(example.input_ids, image_features=mine))
+        used += n
+    length = max(row.shape[1] for row in rows)
+    batch = mx.concatenate(
+        [mx.pad(row, [(0, 0), (0, length - row.shape[1]), (0, 0)]) for row in rows]
+    )
+    hidden = model.language_model(batch)
+    total = mx.array(0.0)
+    for i, example in enumerate(examples):
+        logits = model.lm_head_logits(hidden[i, example.positions]).astype(mx.float32)
+        total = total + nn.losses.cross_entropy(logits, example.targets, reduction="sum")
+    return total
+
+
 @dataclass(frozen=True)
 class BatchGradients:
     loss: float  # mean over the batch's assistant tokens, all processes
@@ -282,15 +324,22 @@ class BatchGradients:
 
 
 def batch_gradients(
-    model: Lfm2VlModel, examples: Sequence[Encoded], group: Any = None
+    model: Lfm2VlModel, examples: Sequence[Encoded], group: Any = None, padded: bool = False
 ) -> BatchGradients:
     """Loss and gradients of a batch (this process's share of it under `mlx.launch`: the sums
-    are added across `group`), each example alone, one at a time."""
+    are added across `group`): each example alone, one at a time, or with `padded` all in one
+    pass (`padded_loss_sum`)."""
     group = group or mx.distributed.init()
-    value_and_grad = nn.value_and_grad(model, loss_sum)
     total = None
     summed = mx.array(0.0)
-    for example in examples:
+    if padded and examples:
+        summed, total = nn.value_and_grad(model, padded_loss_sum)(model, examples)
+        mx.eval(total, summed)
+        examples_one_by_one: Sequence[Encoded] = ()
+    else:
+        examples_one_by_one = examples
+    value_and_grad = nn.value_and_grad(model, loss_sum)
+    for example in examples_one_by_one:
         loss, gradients = value_and_grad(model, example)
         total = gradients if total is None else tree_map(mx.add, total, gradients)
         summed = summed + loss
@@ -313,21 +362,54 @@ def batch_gradients(
     return BatchGradients(summed / trained, int(trained), int(tokens), total)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(options: TrainOptions) -> float | Callable[[mx.array], mx.array]:
+    """The learning rate, or a schedule of it over the optimizer's steps: an optional linear
+    warm-up, then constant or cosine decay to 1% of the rate at `iters`."""
+    if options.lr_schedule not in LR_SCHEDULES:
+        raise Lfm2VlError(
+            f"lr_schedule {options.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
+        )
+    peak = options.learning_rate
+    if options.lr_schedule == "constant" and options.warmup == 0:
+        return peak
+    steps = max(options.iters - options.warmup, 1)
+    if options.lr_schedule == "cosine":
+        after = optim.cosine_decay(peak, steps, end=peak * 0.01)
+    else:
+        after = optim.linear_schedule(peak, peak, steps)
+    if options.warmup == 0:
+        return after
+    warm = optim.linear_schedule(peak * 0.01, peak, options.warmup)
+    return optim.join_schedules([warm, after], [options.warmup])
+
+
 def make_optimizer(options: TrainOptions) -> optim.Optimizer:
     """AdamW with bias correction, as torch's (MLX's own default leaves it out)."""
     return optim.AdamW(
-        learning_rate=options.learning_rate,
+        learning_rate=learning_rate(options),
         weight_decay=options.weight_decay,
         bias_correction=True,
     )
 
 
 def train_step(
-    model: Lfm2VlModel, optimizer: optim.Optimizer, examples: Sequence[Encoded], group: Any = None
+    model: Lfm2VlModel,
+    optimizer: optim.Optimizer,
+    examples: Sequence[Encoded],
+    group: Any = None,
+    grad_clip: float = 0.0,
+    padded: bool = False,
 ) -> BatchGradients:
-    """One optimizer step on a batch; returns its loss and counts."""
-    result = batch_gradients(model, examples, group)
-    optimizer.update(model, result.gradients)
+    """One optimizer step on a batch (its gradients first scaled down to a global norm of at
+    most `grad_clip`, when set); returns its loss and counts. `padded`: see `batch_gradients`."""
+    result = batch_gradients(model, examples, group, padded)
+    gradients = result.gradients
+    if grad_clip > 0:
+        gradients, _ = optim.clip_grad_norm(gradients, grad_clip)
+    optimizer.update(model, gradients)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return result
 
@@ -527,7 +609,7 @@ def train(
     for name in ("iters", "batch_size", "report_every"):
         if getattr(options, name) < 1:
             raise Lfm2VlError(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("val_every", "save_every"):
+    for name in ("val_every", "save_every", "warmup"):
         if getattr(options, name) < 0:
             raise Lfm2VlError(f"{name.replace('_', '-')} must be 0 (never) or more")
     group = mx.distributed.init()
@@ -622,7 +704,7 @@ def train(
             mx.random.seed(options.seed * 1_000_003 + step)  # a resumed run drops the same
         mine = batch_indices(step, options.batch_size, len(train_set), options.seed)[rank::size]
         batch = [encode(processor, train_set[i], options.image_options) for i in mine]
-        result = train_step(net, optimizer, batch, group)
+        result = train_step(net, optimizer, batch, group, options.grad_clip, options.pad_batch)
         step += 1
         losses.append(result.loss)
         window[0] += result.loss * result.trained_tokens
@@ -721,6 +803,27 @@ def _cli():
         show_default=True,
     )
     @click.option(
+        "--lr-schedule",
+        type=click.Choice(LR_SCHEDULES),
+        default=defaults.lr_schedule,
+        show_default=True,
+        help="cosine: decay to 1% of --learning-rate at the last step.",
+    )
+    @click.option(
+        "--warmup",
+        type=click.IntRange(min=0),
+        default=defaults.warmup,
+        show_default=True,
+        help="Steps of linear warm-up from 1% of --learning-rate.",
+    )
+    @click.option(
+        "--grad-clip",
+        type=click.FloatRange(min=0),
+        default=defaults.grad_clip,
+        show_default=True,
+        help="Scale each step's gradients down to this global norm at most (0: never).",
+    )
+    @click.option(
         "--weight-decay",
         type=click.FloatRange(min=0),
         default=defaults.weight_decay,
@@ -789,6 +892,12 @@ def _cli():
         "--grad-checkpoint",
         is_flag=True,
         help="Recompute layer activations in the backward pass: less memory, more compute.",
+    )
+    @click.option(
+        "--pad-batch",
+        is_flag=True,
+        help="Compute a step's conversations in one padded pass instead of one at a time: "
+        "faster for small models, more memory.",
     )
     @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True)
     @click.option(

@@ -29,6 +29,7 @@ from mlx_lfm2vl.train import (
     Example,
     TrainOptions,
     encode,
+    learning_rate,
     make_optimizer,
     prepare_for_training,
     read_dataset,
@@ -177,11 +178,13 @@ def test_lora_loss_gradients_and_adamw_step_match_the_reference(checkpoint_450m,
             assert_same_step(new, expected, gradient, expected.grad, 1e-3, f"{path}.{name}")
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["one-by-one", "padded"])
 def test_full_fine_tune_gradients_and_adamw_step_match_the_reference(
-    checkpoint_450m, conversations
+    checkpoint_450m, conversations, padded
 ):
     """Every weight trained (--full --train-vision): the loss, every gradient (the tied
-    embedding gets both its uses) and every weight after one AdamW step equal torch's."""
+    embedding gets both its uses) and every weight after one AdamW step equal torch's, with the
+    batch's conversations one at a time or in one padded pass (--pad-batch)."""
     processor = Processor.from_pretrained(checkpoint_450m)
     batch = examples(conversations)
     options = TrainOptions(full=True, train_vision=True, learning_rate=1e-4, weight_decay=0.01)
@@ -198,7 +201,9 @@ def test_full_fine_tune_gradients_and_adamw_step_match_the_reference(
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01)
     optimizer.step()
 
-    result = train_step(model, make_optimizer(options), [encode(processor, e) for e in batch])
+    encoded = [encode(processor, e) for e in batch]
+    assert len({e.input_ids.size for e in encoded}) == len(encoded)  # padding is exercised
+    result = train_step(model, make_optimizer(options), encoded, padded=padded)
     assert abs(result.loss - expected_loss.item()) <= 1e-5 * expected_loss.item()
     gradients = dict(tree_flatten(result.gradients))
     new_weights = dict(tree_flatten(model.trainable_parameters()))
@@ -222,6 +227,43 @@ def test_full_fine_tune_gradients_and_adamw_step_match_the_reference(
 # ------------------------------------------------------------------------------------------
 # Data and the loss mask
 # ------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedules():
+    peak = 1e-3
+    constant = TrainOptions(learning_rate=peak)
+    assert learning_rate(constant) == peak
+    cosine = TrainOptions(learning_rate=peak, iters=110, warmup=10, lr_schedule="cosine")
+    schedule = learning_rate(cosine)
+    at = {step: schedule(mx.array(step)).item() for step in (0, 5, 10, 60, 110)}
+    assert at[0] == pytest.approx(peak * 0.01)
+    assert at[5] == pytest.approx(peak * 0.505)
+    assert at[10] == pytest.approx(peak)
+    assert at[60] == pytest.approx(peak * 0.505)  # half way down the cosine
+    assert at[110] == pytest.approx(peak * 0.01)
+    warm = learning_rate(TrainOptions(learning_rate=peak, iters=110, warmup=10))
+    assert warm(mx.array(5)).item() == pytest.approx(peak * 0.505)
+    assert warm(mx.array(100)).item() == pytest.approx(peak)
+    with pytest.raises(Lfm2VlError, match="lr_schedule 'linear' is not one of constant, cosine"):
+        learning_rate(TrainOptions(lr_schedule="linear"))
+
+
+def test_gradient_clipping_bounds_the_step(checkpoint_450m, conversations):
+    """AdamW's update ignores the gradient's scale until the gradient is as small as its
+    epsilon: clipped to a norm of 1e-12, a step barely moves the weights."""
+    processor = Processor.from_pretrained(checkpoint_450m)
+    encoded = [encode(processor, e) for e in examples(conversations)]
+    options = TrainOptions(full=True, learning_rate=1e-3)
+    moved = {}
+    for clip in (0.0, 1e-12):
+        model = load_model(checkpoint_450m, dtype="float32", backend=False)
+        prepare_for_training(model, options)
+        before = dict(tree_flatten(model.trainable_parameters()))
+        train_step(model, make_optimizer(options), encoded, grad_clip=clip)
+        after = dict(tree_flatten(model.trainable_parameters()))
+        moved[clip] = max(float(mx.abs(after[k] - before[k]).max()) for k in before)
+    assert moved[0.0] > 5e-4
+    assert moved[1e-12] < 1e-6
 
 
 def test_loss_counts_each_answer_and_its_end_of_turn_only(checkpoint_450m, conversations):
