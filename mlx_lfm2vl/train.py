@@ -99,7 +99,7 @@ class TrainOptions:
     report_every: int = 10  # steps per training-loss report
     resume: bool = False
     grad_checkpoint: bool = False  # recompute layer activations in the backward pass
-    pad_batch: bool = False  # a step's conversations in one padded pass (faster, more memory)
+    pad_batch: bool = False  # a step's conversations in one padded pass (more memory)
     seed: int = 0
     dtype: str = "float32"
     image_options: dict[str, Any] = field(default_factory=dict)  # max_image_tokens, ...
@@ -897,7 +897,7 @@ def _cli():
         "--pad-batch",
         is_flag=True,
         help="Compute a step's conversations in one padded pass instead of one at a time: "
-        "faster for small models, more memory.",
+        "same gradients, more memory (meant for GPUs; no faster on a CPU).",
     )
     @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True)
     @click.option(
