@@ -1,0 +1,416 @@
+"""Make the shapes model: a small LFM2-VL trained from scratch on the shapes task.
+
+    python -m mlx_lfm2vl.shapes.build --out shapes-model
+
+Steps, all deterministic for a given machine and library versions:
+1. write the task's train / valid / test splits as PNG files and JSONL conversations;
+2. write a checkpoint folder in the published Hugging Face layout with random weights: the
+   LFM2-VL architecture (the 450M's config, narrowed and made shallower, its layer pattern of
+   short convolutions and attention kept), a byte-level BPE tokenizer learned on the task's
+   texts with the published special tokens at their published ids, the published chat template
+   and processor files with a smaller tile;
+3. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included);
+4. write the trained weights into the same layout (bf16, as the published checkpoints), so
+   `transformers` loads the folder as it loads LiquidAI's, and this port loads it with `load`;
+5. answer the test questions with the written model and record the accuracy in `shapes.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import task
+
+FILES = Path(__file__).resolve().parent / "files"
+# Where the repository keeps the built model (`python -m mlx_lfm2vl.shapes.build` rewrites it).
+MODEL = Path(__file__).resolve().parent / "model"
+MANIFEST = "shapes.json"
+
+# The processor's geometry: 16-pixel patches, 2x2 of them per image token, 16-25 tokens for an
+# image shown whole (128x128 to 160x160 pixels), and 128-pixel tiles (16 tokens each) plus a
+# thumbnail for larger ones: small, so that training sees many images in its 15 minutes.
+PROCESSOR = {
+    "do_image_splitting": True,
+    "downsample_factor": 2,
+    "encoder_patch_size": 16,
+    "max_image_tokens": 25,
+    "max_num_patches": 100,
+    "max_pixels_tolerance": 2.0,
+    "max_tiles": 4,
+    "min_image_tokens": 16,
+    "min_tiles": 2,
+    "tile_size": 128,
+    "use_thumbnail": True,
+}
+
+
+def model_config(vocab_size: int) -> dict:
+    """config.json: LFM2-VL-450M's fields, narrower and shallower."""
+    text = {
+        "architectures": ["Lfm2ForCausalLM"],
+        "block_auto_adjust_ff_dim": True,
+        "block_dim": 128,
+        "block_ff_dim": 512,
+        "block_ffn_dim_multiplier": 1.0,
+        "block_multiple_of": 256,
+        "block_norm_eps": 1e-05,
+        "conv_L_cache": 3,
+        "conv_bias": False,
+        "conv_dim": 128,
+        "conv_dim_out": 128,
+        "eos_token_id": 7,
+        "hidden_size": 128,
+        "initializer_range": 0.02,
+        "intermediate_size": 512,
+        # the 450M's last six layers: two conv blocks, then attention every other layer
+        "layer_types": ["conv", "conv", "full_attention", "conv", "full_attention", "conv"],
+        "max_position_embeddings": 128000,
+        "model_type": "lfm2",
+        "norm_eps": 1e-05,
+        "num_attention_heads": 2,
+        "num_heads": 2,
+        "num_hidden_layers": 6,
+        "num_key_value_heads": 1,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "use_pos_enc": True,
+        "vocab_size": vocab_size,
+    }
+    vision = {
+        "attention_dropout": 0.0,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "layer_norm_eps": 1e-06,
+        "model_type": "siglip2_vision_model",
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "num_hidden_layers": 4,
+        "num_patches": 256,
+        "patch_size": 16,
+        "vision_use_head": False,
+    }
+    return {
+        "architectures": ["Lfm2VlForConditionalGeneration"],
+        **PROCESSOR,
+        "dtype": "bfloat16",
+        "image_token_id": 396,
+        "image_token_index": 396,
+        "model_type": "lfm2_vl",
+        "projector_bias": True,
+        "projector_hidden_act": "gelu",
+        "projector_hidden_size": 256,
+        "text_config": text,
+        "use_image_special_tokens": True,
+        "vision_config": vision,
+    }
+
+
+def task_texts() -> list[str]:
+    """Every text the task's conversations hold, for the tokenizer to learn its merges from."""
+    words = ["user", "assistant", "What color is the shape?", "What color are the shapes?"]
+    words += ["Which shape is in the picture?", "How many shapes are there?"]
+    words += ["Where is the shape?", "What word is written?"]
+    words += list(task.COLORS) + list(task.SHAPES) + list(task.QUADRANTS) + list(task.WORDS)
+    words += [str(n) for n in range(10)]
+    return words
+
+
+def write_tokenizer(folder: Path) -> int:
+    """tokenizer.json and its config files; returns the vocabulary size the model needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    config = json.loads((FILES / "tokenizer_config.json").read_text())
+    specials = {int(i): entry["content"] for i, entry in config["added_tokens_decoder"].items()}
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = task_texts()
+    learner.train_from_iterator([" ".join(texts)] * 8 + texts * 8, trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    # the learned tokens take the ids after the special ones, in the order they were learned
+    first = max(specials) + 1
+    ordered = sorted(learned["vocab"].items(), key=lambda item: item[1])
+    vocab = {token: first + rank for rank, (token, _) in enumerate(ordered)}
+    vocab.update({content: token_id for token_id, content in specials.items()})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([specials[i] for i in sorted(specials)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    shutil.copy(FILES / "tokenizer_config.json", folder)
+    shutil.copy(FILES / "special_tokens_map.json", folder)
+    return -(-(first + len(ordered)) // 64) * 64  # a multiple of 64, as published vocabularies
+
+
+def write_processor_files(folder: Path) -> None:
+    shutil.copy(FILES / "chat_template.jinja", folder)
+    processor = {
+        "processor_class": "Lfm2VlProcessor",
+        **PROCESSOR,
+        "use_image_special_tokens": True,
+    }
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    image_processor = {
+        "image_processor_type": "Lfm2VlImageProcessorFast",
+        "processor_class": "Lfm2VlProcessor",
+        **PROCESSOR,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_pad": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "return_row_col_info": True,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def hf_weights(parameters: dict[str, mx.array]) -> dict[str, mx.array]:
+    """This port's parameters under the names and layouts `transformers` saves."""
+    out = {}
+    for name, value in parameters.items():
+        if name.endswith("conv.conv.weight"):
+            value = value.transpose(0, 2, 1)  # MLX depthwise (D, K, 1) -> torch (D, 1, K)
+        out[f"model.{name}"] = value
+    return out
+
+
+def initial_parameters(config: dict, seed: int) -> dict[str, mx.array]:
+    """Random weights: normal(0, 0.02) matrices, embeddings and convolutions (the config's
+    `initializer_range`), zero biases, unit norms, and the vision position table as small 2-D
+    sines (`sincos_positions`). (SigLIP's own, larger init of the vision tower trained worse
+    here: measured in docs/shapes.md.)"""
+    from ..config import ModelConfig
+    from ..models.lfm2_vl import Lfm2VlModel
+
+    model = Lfm2VlModel(ModelConfig.from_dict(config))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in sorted(tree_flatten(model.parameters())):
+        if "norm" in name and name.endswith("weight"):
+            array = np.ones(value.shape)
+        elif name.endswith("bias"):
+            array = np.zeros(value.shape)
+        elif name.endswith("embeddings.position_embedding.weight"):
+            array = POSITION_TABLE_SCALE * sincos_positions(*value.shape)
+        else:
+            array = rng.normal(0.0, 0.02, value.shape)
+        out[name] = mx.array(array.astype(np.float32))
+    return out
+
+
+# The vision tower resizes its 16x16 position table to each view's grid (8-10 patches a side
+# here) with an antialiased filter, which averages a random table's neighbours to almost
+# nothing: trained from normal(0, 0.02), single image tokens did not say where they were (a
+# linear probe placed them in the right quadrant 28% of the time, chance 25%). Smooth sines
+# survive the resize. At full size (values up to 1) they drowned the colour the patches carry
+# and the model learned less; at a tenth it learned as much as with the random table
+# (docs/shapes.md, runs 11, 13 and 14).
+POSITION_TABLE_SCALE = 0.1
+
+
+def sincos_positions(count: int, width: int) -> np.ndarray:
+    """A square table of `count` positions (row-major), `width` values each: sines and cosines
+    of the row in the first half, of the column in the second, at geometrically spaced
+    frequencies (MAE's fixed 2-D embedding)."""
+    side = int(round(count**0.5))
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows, columns = np.divmod(np.arange(side * side), side)
+    parts = []
+    for coordinate in (rows, columns):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [np.sin(angles), np.cos(angles)]
+    return np.concatenate(parts, axis=1)
+
+
+def write_checkpoint(folder: Path, parameters: dict[str, mx.array], dtype: mx.Dtype, config):
+    """Weights, config, tokenizer and processor files of one checkpoint in the HF layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(dtype) for k, v in hf_weights(parameters).items()}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    config = {**config, "dtype": {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype]}
+    config["text_config"] = {**config["text_config"], "dtype": config["dtype"]}
+    config["vision_config"] = {**config["vision_config"], "dtype": config["dtype"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_processor_files(folder)
+
+
+def build(
+    out: Path,
+    work: Path,
+    train_examples: int = 12000,
+    iters: int = 2500,
+    warmup_iters: int = 500,
+    batch_size: int = 4,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    test_examples: int = 500,
+    log=print,
+) -> dict:
+    """Make the shapes model in `out` (replaced only when complete), working in `work`.
+
+    Training has two stages, both full training of every weight with `mlx_lfm2vl.train`:
+    `warmup_iters` steps on the easy "warmup" split (lone shapes, large or in a quadrant, and
+    words), where the model first learns to read anything from the image at all, then `iters`
+    steps on the whole task. Started on the whole task, a model this small sits for hundreds
+    of steps on answers it guesses from the question alone: a small shape's colour is a faint
+    signal in the mean of the image tokens its first attention layers see.
+    """
+    began = time.perf_counter()
+    data, easy = work / "data", work / "warmup-data"
+    log(
+        f"writing {train_examples} training, {warmup_iters * batch_size} warm-up and 200 "
+        f"validation examples under {work}"
+    )
+    task.write_split(data, "train", train_examples, every_question=True)
+    task.write_split(data, "valid", 200)
+    task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
+    os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
+    task.write_split(easy, "valid", 200)
+    initial = work / "initial"
+    initial.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(initial)
+    config = model_config(vocab_size)
+    write_checkpoint(initial, initial_parameters(config, seed), mx.float32, config)
+    stages = []
+    start = initial
+    for name, stage_data, stage_iters, schedule in (
+        ("warm-up", easy, warmup_iters, "constant"),
+        ("task", data, iters, "cosine"),
+    ):
+
+        def stage_log(line: str, name: str = name) -> None:
+            log(f"{name} {line} ({time.perf_counter() - began:.0f} s)")
+
+        result, parameters = _train_stage(
+            start, stage_data, work / name, stage_iters, batch_size, learning_rate, schedule,
+            seed, stage_log,
+        )  # fmt: skip
+        stages.append(result)
+        start = work / f"{name}-model"
+        write_checkpoint(start, parameters, mx.float32, config)
+        _copy_tokenizer(initial, start)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_checkpoint(tmp, parameters, mx.bfloat16, config)
+        _copy_tokenizer(initial, tmp)
+        from .. import load
+        from .evaluate import accuracy
+
+        model, processor = load(tmp)
+        scores = accuracy(model, processor, "test", test_examples)
+        manifest = {
+            "test_exact_match": scores.exact_match,
+            "test_questions": test_examples,
+            "test_by_kind": scores.by_kind(),
+            "train_examples": train_examples,
+            "warmup_iters": warmup_iters,
+            "iters": iters,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "first_losses": stages[0].losses[:5],
+            "last_loss": stages[-1].losses[-1],
+            "validation": {"warm-up": stages[0].validation, "task": stages[1].validation},
+            "seconds": round(time.perf_counter() - began),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"test exact match {scores.exact_match:.1%} ({scores.by_kind()}); wrote {out}")
+    return manifest
+
+
+def _train_stage(start, data, run, iters, batch_size, learning_rate, schedule, seed, log):
+    """Train every weight of the checkpoint `start`; returns the result and the new weights."""
+    from ..loading import load_model
+    from ..train import TrainOptions, TrainReport, ValidationReport, train
+
+    def progress(report) -> None:
+        if isinstance(report, TrainReport):
+            line = f"step {report.step}/{iters}: loss {report.loss:.4f}"
+            log(f"{line}, {report.tokens_per_second:.0f} tokens/s")
+        elif isinstance(report, ValidationReport):
+            log(f"step {report.step}: validation loss {report.loss:.4f}")
+
+    options = TrainOptions(
+        iters=iters,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_schedule=schedule,
+        warmup=min(100, iters // 10),
+        grad_clip=1.0,
+        full=True,
+        train_vision=True,
+        seed=seed,
+        val_every=max(iters // 4, 1),
+        save_every=max(iters // 4, 1),
+        report_every=50,
+    )
+    result = train(start, data, run, options, progress)
+    model = load_model(start, dtype=mx.float32, adapter_path=run, backend=False)
+    return result, dict(tree_flatten(model.parameters()))
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, target / name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(MODEL), help="model folder (default: %(default)s)")
+    parser.add_argument("--work", help="folder for the data and the run (default: a temporary one)")
+    parser.add_argument("--train-examples", type=int, default=12000)
+    parser.add_argument("--iters", type=int, default=2500)
+    parser.add_argument("--warmup-iters", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out).expanduser().resolve()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work).expanduser() if args.work else Path(scratch)
+        build(
+            out,
+            work,
+            args.train_examples,
+            args.iters,
+            args.warmup_iters,
+            args.batch_size,
+            args.learning_rate,
+            args.seed,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+
+
+if __name__ == "__main__":
+    main()
