@@ -22,10 +22,9 @@ from reference import max_error, port_inputs, reference_inputs, reference_model
 
 from mlx_lfm2vl import load
 from mlx_lfm2vl.processor import Processor
-from mlx_lfm2vl.shapes import build, task
+from mlx_lfm2vl.shapes import MODEL, build, task
 from mlx_lfm2vl.shapes.evaluate import accuracy
 
-MODEL = build.MODEL
 TEST_QUESTIONS = 500  # the held-out questions the accuracy is measured on
 
 
@@ -135,6 +134,16 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
         reference.config.text_config.layer_types
         == build.model_config(960)["text_config"]["layer_types"]
     )
+
+
+def test_build_never_replaces_a_folder_of_something_else(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="something other than a shapes model"):
+        build.build(out, tmp_path / "work", log=lambda line: None)
+    assert (out / "cat.jpg").read_bytes() == b"precious"
+    assert not (tmp_path / "work").exists()  # refused before any work
 
 
 def test_shipped_model_records_its_build():

@@ -19,7 +19,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lfm2vl.convert import DEFAULT_RECIPE, RECIPES
-from mlx_lfm2vl.shapes.build import MODEL
+from mlx_lfm2vl.shapes import MODEL
 from mlx_lfm2vl.shapes.quality import measure, table
 
 QUESTIONS = 200

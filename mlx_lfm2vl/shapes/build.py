@@ -30,11 +30,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import task
+from . import MODEL, task
 
 FILES = Path(__file__).resolve().parent / "files"
-# Where the repository keeps the built model (`python -m mlx_lfm2vl.shapes.build` rewrites it).
-MODEL = Path(__file__).resolve().parent / "model"
 MANIFEST = "shapes.json"
 
 # The processor's geometry: 16-pixel patches, 2x2 of them per image token, 16-25 tokens for an
@@ -279,6 +277,11 @@ def build(
     of steps on answers it guesses from the question alone: a small shape's colour is a faint
     signal in the mean of the image tokens its first attention layers see.
     """
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        # checked first: a build is 15 minutes, and a folder of something else is never replaced
+        raise ValueError(
+            f"{out} exists and holds something other than a shapes model: choose --out"
+        )
     began = time.perf_counter()
     data, easy = work / "data", work / "warmup-data"
     log(
@@ -389,27 +392,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(MODEL), help="model folder (default: %(default)s)")
     parser.add_argument("--work", help="folder for the data and the run (default: a temporary one)")
-    parser.add_argument("--train-examples", type=int, default=12000)
-    parser.add_argument("--iters", type=int, default=2500)
-    parser.add_argument("--warmup-iters", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-examples", type=int, default=12000, help="pictures for stage 2")
+    parser.add_argument("--iters", type=int, default=2500, help="steps of stage 2")
+    parser.add_argument("--warmup-iters", type=int, default=500, help="steps of stage 1")
+    parser.add_argument("--batch-size", type=int, default=4, help="conversations a step")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
+    parser.add_argument("--seed", type=int, default=0, help="data order and initial weights")
     args = parser.parse_args(argv)
+    for name in ("train_examples", "iters", "warmup_iters", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     out = Path(args.out).expanduser().resolve()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work).expanduser() if args.work else Path(scratch)
-        build(
-            out,
-            work,
-            args.train_examples,
-            args.iters,
-            args.warmup_iters,
-            args.batch_size,
-            args.learning_rate,
-            args.seed,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        try:
+            build(
+                out,
+                work,
+                args.train_examples,
+                args.iters,
+                args.warmup_iters,
+                args.batch_size,
+                args.learning_rate,
+                args.seed,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+        except ValueError as error:
+            parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import task
+from . import MODEL, task
 
 
 @dataclass
@@ -60,13 +60,14 @@ def accuracy(model, processor, split: str = "test", count: int = 500, max_rows: 
 
 def main(argv: list[str] | None = None) -> None:
     from .. import load
-    from .build import MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(MODEL), help="model folder (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=list(task.SPLITS))
     parser.add_argument("--count", type=int, default=500, help="questions (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     model, processor = load(args.model)
     result = accuracy(model, processor, args.split, args.count)
     kinds = ", ".join(f"{k} {v:.1%}" for k, v in result.by_kind().items())

@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import task
+from . import MODEL, task
 from .evaluate import accuracy
 
 # Logits by which the float model's first answer token must beat the runner-up for a question
@@ -150,12 +150,13 @@ def table(rows: list[Quality]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .build import MODEL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(MODEL), help="model folder (default: %(default)s)")
     parser.add_argument("--count", type=int, default=500, help="questions (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     print(table(measure(args.model, count=args.count)))
 
 
