@@ -122,6 +122,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
             iters=3,
             batch_size=4,
             test_examples=4,
+            valid_examples=4,
             log=lambda line: None,
         )
         manifests.append({k: v for k, v in manifest.items() if k != "seconds"})

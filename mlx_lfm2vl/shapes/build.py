@@ -266,6 +266,7 @@ def build(
     learning_rate: float = 1e-3,
     seed: int = 0,
     test_examples: int = 500,
+    valid_examples: int = 200,
     log=print,
 ) -> dict:
     """Make the shapes model in `out` (replaced only when complete), working in `work`.
@@ -285,14 +286,14 @@ def build(
     began = time.perf_counter()
     data, easy = work / "data", work / "warmup-data"
     log(
-        f"writing {train_examples} training, {warmup_iters * batch_size} warm-up and 200 "
-        f"validation examples under {work}"
+        f"writing {train_examples} training, {warmup_iters * batch_size} warm-up and "
+        f"{valid_examples} validation examples under {work}"
     )
     task.write_split(data, "train", train_examples, every_question=True)
-    task.write_split(data, "valid", 200)
+    task.write_split(data, "valid", valid_examples)
     task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
     os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
-    task.write_split(easy, "valid", 200)
+    task.write_split(easy, "valid", valid_examples)
     initial = work / "initial"
     initial.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(initial)
