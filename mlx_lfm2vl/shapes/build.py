@@ -3,13 +3,15 @@
     python -m mlx_lfm2vl.shapes.build --out shapes-model
 
 Steps, all deterministic for a given machine and library versions:
-1. write the task's train / valid / test splits as PNG files and JSONL conversations;
-2. write a checkpoint folder in the published Hugging Face layout with random weights: the
+1. write the training, stage-1 (`warmup`) and validation data as PNG files and JSONL
+   conversations;
+2. write a checkpoint folder in the published Hugging Face layout with initial weights: the
    LFM2-VL architecture (the 450M's config, narrowed and made shallower, its layer pattern of
    short convolutions and attention kept), a byte-level BPE tokenizer learned on the task's
    texts with the published special tokens at their published ids, the published chat template
    and processor files with a smaller tile;
-3. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included);
+3. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included), on
+   the stage-1 data, then on the whole task;
 4. write the trained weights into the same layout (bf16, as the published checkpoints), so
    `transformers` loads the folder as it loads LiquidAI's, and this port loads it with `load`;
 5. answer the test questions with the written model and record the accuracy in `shapes.json`.
