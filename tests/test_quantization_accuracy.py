@@ -39,6 +39,7 @@ from mlx_lfm2vl.convert import convert, quantization_plan, quantize_model
 from mlx_lfm2vl.image_processor import ImageProcessor
 from mlx_lfm2vl.loading import load_model
 from mlx_lfm2vl.models.lfm2_vl import Lfm2VlModel
+from mlx_lfm2vl.shapes.quality import distribution_agreement, mean_cosine
 
 GREEDY_TOKENS = 6
 IMAGE_START, IMAGE_END = 498, 499
@@ -149,11 +150,10 @@ def compare(base: Outputs, other: Outputs) -> Metrics:
         other.greedy,
         strict=True,
     ):
-        kl.append(mx.mean(mx.sum(mx.exp(lp) * (lp - lq), axis=-1)).item())
-        top1.append(mx.mean(mx.argmax(lp, -1) == mx.argmax(lq, -1)).item())
-        ea, eb = ea.astype(mx.float32), eb.astype(mx.float32)
-        cos = mx.sum(ea * eb, -1) / (mx.linalg.norm(ea, axis=-1) * mx.linalg.norm(eb, axis=-1))
-        cosine.append(mx.mean(cos).item())
+        divergence, agreement = distribution_agreement(lp, lq)
+        kl.append(divergence)
+        top1.append(agreement)
+        cosine.append(mean_cosine(ea, eb))
         same = next((i for i, (a, b) in enumerate(zip(ga, gb, strict=True)) if a != b), len(ga))
         prefix.append(same)
     return Metrics(*(float(np.mean(v)) for v in (kl, top1, cosine, prefix)))

@@ -53,6 +53,22 @@ class _Readout:
     embeddings: list[mx.array]  # per question: (image tokens, hidden)
 
 
+def distribution_agreement(log_p: mx.array, log_q: mx.array) -> tuple[float, float]:
+    """Mean KL(p || q) and top-1 agreement of two models' next-token log-probabilities at the
+    same positions, (positions, vocab) each. (tests/test_quantization_accuracy.py uses these
+    measures too.)"""
+    kl = mx.mean(mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)).item()
+    top1 = mx.mean(mx.argmax(log_p, -1) == mx.argmax(log_q, -1)).item()
+    return kl, top1
+
+
+def mean_cosine(a: mx.array, b: mx.array) -> float:
+    """Cosine similarity of two (tokens, hidden) embeddings, mean over the tokens, in float32."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    cosine = mx.sum(a * b, -1) / (mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1))
+    return mx.mean(cosine).item()
+
+
 def _readout(model, processor, items, answers: list[list[int]]) -> _Readout:
     log_probs, embeddings = [], []
     for item, answer in zip(items, answers, strict=True):
@@ -110,10 +126,10 @@ def measure(
                 readout.embeddings,
                 strict=True,
             ):
-                kl.append(mx.mean(mx.sum(mx.exp(lp) * (lp - lq), axis=-1)).item())
-                top1.append(mx.mean(mx.argmax(lp, -1) == mx.argmax(lq, -1)).item())
-                norms = mx.linalg.norm(ea, axis=-1) * mx.linalg.norm(eb, axis=-1)
-                cosine.append(mx.mean(mx.sum(ea * eb, -1) / norms).item())
+                divergence, agreement = distribution_agreement(lp, lq)
+                kl.append(divergence)
+                top1.append(agreement)
+                cosine.append(mean_cosine(ea, eb))
             pairs = zip(scores.answers, base_scores.answers, strict=True)
             same = np.array([a == b for a, b in pairs])
             rows.append(
