@@ -282,3 +282,35 @@ def test_first_answer_in_the_readme_is_right():
         if not existed:
             image.unlink(missing_ok=True)
     assert out.stdout.strip().splitlines()[-1].strip() == expected.group(1)
+
+
+# ------------------------------------------------------------------------------------------
+# The vision probe (`python -m mlx_lfm2vl.shapes.probe`)
+
+
+def test_probe_learns_what_the_mean_of_the_image_tokens_shows():
+    """Colour is in every token of a shape: a small tower learns it in a few steps, from
+    chance (20%) to nearly every held-out picture."""
+    from mlx_lfm2vl.shapes import probe
+
+    history = probe.run(
+        kind="color", vision_width=32, vision_layers=1, steps=150, batch_size=8,
+        learning_rate=3e-3, warmup=10, train_pictures=300, valid_pictures=60,
+        report_every=50, log=lambda line: None,
+    )  # fmt: skip
+    assert [step for step, _ in history] == [50, 100, 150]
+    assert history[0][1] < 0.5
+    assert history[-1][1] >= 0.9
+
+
+def test_probe_refuses_position_and_odd_widths():
+    for argv, message in (
+        (["--kind", "position"], "invalid choice"),
+        (["--vision-width", "63"], "even number"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "mlx_lfm2vl.shapes.probe", *argv],
+            capture_output=True, text=True, env=environment(), cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr
