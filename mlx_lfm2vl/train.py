@@ -897,7 +897,7 @@ def _cli():
         "--pad-batch",
         is_flag=True,
         help="Compute a step's conversations in one padded pass instead of one at a time: "
-        "same gradients, more memory (meant for GPUs; no faster on a CPU).",
+        "same gradients, more memory (meant for GPUs; little faster on a CPU).",
     )
     @click.option("--seed", type=click.IntRange(min=0), default=defaults.seed, show_default=True)
     @click.option(

@@ -121,6 +121,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
             warmup_iters=2,
             iters=3,
             batch_size=4,
+            vision_steps=2,  # every stage runs
             test_examples=4,
             valid_examples=4,
             log=lambda line: None,
@@ -128,6 +129,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
         manifests.append({k: v for k, v in manifest.items() if k != "seconds"})
         weights.append((out / "model.safetensors").read_bytes())
     assert manifests[0] == manifests[1]
+    assert [step for step, _ in manifests[0]["vision_validation"]] == [1, 2]
     assert weights[0] == weights[1]
     assert not list(tmp_path.glob(".model-*"))  # no temporary folder left behind
     reference = reference_model(tmp_path / "model-a")
@@ -290,22 +292,40 @@ def test_first_answer_in_the_readme_is_right():
 
 def test_probe_learns_what_the_mean_of_the_image_tokens_shows():
     """Colour is in every token of a shape: a small tower learns it in a few steps, from
-    chance (20%) to nearly every held-out picture."""
+    chance (20%) to nearly every held-out picture; and it hands back the tower's and the
+    projector's weights under the model's names, which the build starts the model from."""
     from mlx_lfm2vl.shapes import probe
 
-    history = probe.run(
-        kind="color", vision_width=32, vision_layers=1, steps=150, batch_size=8,
-        learning_rate=3e-3, warmup=10, train_pictures=300, valid_pictures=60,
-        report_every=50, log=lambda line: None,
+    config = probe.probe_config(vision_width=32, vision_layers=1)
+    start = build.initial_parameters(config, seed=0)
+    trained, history = probe.train(
+        config, start, kinds=["color"], steps=150, batch_size=8, learning_rate=3e-3,
+        warmup=10, train_pictures=300, valid_pictures=60, report_every=50,
+        log=lambda line: None,
     )  # fmt: skip
     assert [step for step, _ in history] == [50, 100, 150]
-    assert history[0][1] < 0.5
-    assert history[-1][1] >= 0.9
+    assert history[0][1]["color"] < 0.5
+    assert history[-1][1]["color"] >= 0.9
+    tower = {k for k in start if k.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert set(trained) == tower
+    changed = [k for k in tower if not np.array_equal(np.asarray(trained[k]), np.asarray(start[k]))]
+    assert len(changed) > len(tower) // 2
 
 
-def test_probe_refuses_position_and_odd_widths():
+def test_probe_position_reads_the_quadrants_of_the_last_view():
+    from mlx_lfm2vl.shapes.probe import quadrant_means
+
+    # a thumbnail of 4x6 patches is 2x3 tokens, after a tile of 8x8 patches (16 tokens)
+    grid = np.arange(6, dtype=np.float32).reshape(2, 3)  # token values 0..5, row-major
+    tokens = mx.array(np.concatenate([np.full(16, -1.0), grid.ravel()])[:, None])
+    means = quadrant_means(tokens, np.array([[8, 8], [4, 6]]))
+    # the middle column counts in both halves
+    assert means.tolist() == [0.5, 1.5, 3.5, 4.5]
+
+
+def test_probe_refuses_unknown_kinds_and_odd_widths():
     for argv, message in (
-        (["--kind", "position"], "invalid choice"),
+        (["--kind", "size"], "invalid choice"),
         (["--vision-width", "63"], "even number"),
         (["--steps", "0"], "--steps must be at least 1"),
     ):

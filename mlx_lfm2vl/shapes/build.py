@@ -55,7 +55,7 @@ PROCESSOR = {
 }
 
 
-def model_config(vocab_size: int) -> dict:
+def model_config(vocab_size: int, vision_width: int = 128) -> dict:
     """config.json: LFM2-VL-450M's fields, narrower and shallower."""
     text = {
         "architectures": ["Lfm2ForCausalLM"],
@@ -91,8 +91,8 @@ def model_config(vocab_size: int) -> dict:
     vision = {
         "attention_dropout": 0.0,
         "hidden_act": "gelu_pytorch_tanh",
-        "hidden_size": 128,
-        "intermediate_size": 512,
+        "hidden_size": vision_width,
+        "intermediate_size": 4 * vision_width,
         "layer_norm_eps": 1e-06,
         "model_type": "siglip2_vision_model",
         "num_attention_heads": 2,
@@ -229,6 +229,7 @@ def initial_parameters(config: dict, seed: int) -> dict[str, mx.array]:
 # up to 1) they drowned the colour the patches carry and the model learned less; at a tenth it
 # learned as much as with the random table, and no more (docs/shapes.md, runs 11, 13, 14).
 POSITION_TABLE_SCALE = 0.1
+VISION_BATCH = 16  # pictures a step of the vision stage
 
 
 def sincos_positions(count: int, width: int) -> np.ndarray:
@@ -265,6 +266,8 @@ def build(
     iters: int = 2500,
     warmup_iters: int = 500,
     batch_size: int = 4,
+    vision_steps: int = 0,
+    vision_width: int = 128,
     learning_rate: float = 1e-3,
     seed: int = 0,
     test_examples: int = 500,
@@ -293,20 +296,36 @@ def build(
     )
     task.write_split(data, "train", train_examples, every_question=True)
     task.write_split(data, "valid", valid_examples)
-    task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
-    os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
-    task.write_split(easy, "valid", valid_examples)
+    if warmup_iters:
+        task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
+        os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
+        task.write_split(easy, "valid", valid_examples)
     initial = work / "initial"
     initial.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(initial)
-    config = model_config(vocab_size)
-    write_checkpoint(initial, initial_parameters(config, seed), mx.float32, config)
+    config = model_config(vocab_size, vision_width)
+    parameters = initial_parameters(config, seed)
+    vision_history = []
+    if vision_steps:
+        from . import probe
+
+        log(f"vision stage: {vision_steps} steps of {VISION_BATCH} pictures")
+        trained, vision_history = probe.train(
+            config, parameters, probe.KINDS, vision_steps, VISION_BATCH,
+            learning_rate, train_pictures=train_examples, valid_pictures=valid_examples,
+            report_every=max(vision_steps // 4, 1), seed=seed,
+            log=lambda line: log(f"vision {line} ({time.perf_counter() - began:.0f} s)"),
+        )  # fmt: skip
+        parameters = {**parameters, **trained}
+    write_checkpoint(initial, parameters, mx.float32, config)
     stages = []
     start = initial
     for name, stage_data, stage_iters, schedule in (
         ("warm-up", easy, warmup_iters, "constant"),
         ("task", data, iters, "cosine"),
     ):
+        if stage_iters == 0:
+            continue
 
         def stage_log(line: str, name: str = name) -> None:
             log(f"{name} {line} ({time.perf_counter() - began:.0f} s)")
@@ -315,7 +334,7 @@ def build(
             start, stage_data, work / name, stage_iters, batch_size, learning_rate, schedule,
             seed, stage_log,
         )  # fmt: skip
-        stages.append(result)
+        stages.append((name, result))
         start = work / f"{name}-model"
         write_checkpoint(start, parameters, mx.float32, config)
         _copy_tokenizer(initial, start)
@@ -339,9 +358,12 @@ def build(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "seed": seed,
-            "first_losses": stages[0].losses[:5],
-            "last_loss": stages[-1].losses[-1],
-            "validation": {"warm-up": stages[0].validation, "task": stages[1].validation},
+            "vision_steps": vision_steps,
+            "vision_width": vision_width,
+            "vision_validation": vision_history,
+            "first_losses": stages[0][1].losses[:5],
+            "last_loss": stages[-1][1].losses[-1],
+            "validation": {name: stage.validation for name, stage in stages},
             "seconds": round(time.perf_counter() - began),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -396,15 +418,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(MODEL), help="model folder (default: %(default)s)")
     parser.add_argument("--work", help="folder for the data and the run (default: a temporary one)")
     parser.add_argument("--train-examples", type=int, default=12000, help="pictures for stage 2")
-    parser.add_argument("--iters", type=int, default=2500, help="steps of stage 2")
-    parser.add_argument("--warmup-iters", type=int, default=500, help="steps of stage 1")
+    parser.add_argument(
+        "--vision-steps", type=int, default=0, help="steps of the vision stage (default: none)"
+    )
+    parser.add_argument("--vision-width", type=int, default=128, help="the vision tower's width")
+    parser.add_argument("--warmup-iters", type=int, default=500, help="steps of the easy stage")
+    parser.add_argument("--iters", type=int, default=2500, help="steps on the whole task")
     parser.add_argument("--batch-size", type=int, default=4, help="conversations a step")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
     parser.add_argument("--seed", type=int, default=0, help="data order and initial weights")
     args = parser.parse_args(argv)
-    for name in ("train_examples", "iters", "warmup_iters", "batch_size"):
+    for name in ("train_examples", "iters", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup_iters", "vision_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 (none) or more")
     out = Path(args.out).expanduser().resolve()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work).expanduser() if args.work else Path(scratch)
@@ -416,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.iters,
                 args.warmup_iters,
                 args.batch_size,
+                args.vision_steps,
+                args.vision_width,
                 args.learning_rate,
                 args.seed,
                 log=lambda line: print(line, file=sys.stderr, flush=True),

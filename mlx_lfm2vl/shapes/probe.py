@@ -10,78 +10,100 @@ involved, so this separates what the tower learns from a picture from what the w
 learns to route from the image tokens to an answer, in a few minutes instead of a build's
 fifteen. docs/shapes.md has what it measured.
 
-Position is not offered: the mean of the tokens does not say where they were.
+The mean of the tokens does not say where they were, so the position classifier reads the
+means of the four quadrants of the picture's last view (its single view, or its thumbnail).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 from PIL import Image
 
 from . import build, task
 
-KINDS = ("color", "shape", "count", "word")
 LABELS = {
     "color": tuple(task.COLORS),
     "shape": task.SHAPES,
     "count": tuple(str(n) for n in task.COUNTS),
+    "position": task.QUADRANTS,
     "word": task.WORDS,
 }
+KINDS = tuple(LABELS)
 
 
-def pictures(kind: str, split: str, count: int) -> list[tuple[Image.Image, int]]:
-    """The first `count` pictures of `split` that answer `kind`, with the answer's index."""
+def pictures(kinds: Sequence[str], split: str, count: int) -> list[tuple[Image.Image, dict]]:
+    """The first `count` pictures of `split` that answer one of `kinds`, each with the index of
+    every answer of those kinds it has."""
     found, index = [], 0
     while len(found) < count:
         item = task.example(split, index)
         index += 1
-        for asked, _, answer in item.questions:
-            if asked == kind:
-                found.append((item.image, LABELS[kind].index(answer)))
+        labels = {k: LABELS[k].index(answer) for k, _, answer in item.questions if k in kinds}
+        if labels:
+            found.append((item.image, labels))
     return found
 
 
-class Probe(nn.Module):
-    """The shapes model's vision tower and projector, and a linear classifier on the mean of
-    the image tokens they make."""
+def quadrant_means(tokens: mx.array, spatial_shapes: np.ndarray) -> mx.array:
+    """The means of the four quadrants (top left, top right, bottom left, bottom right) of the
+    last view's token grid (a picture's single view, or its thumbnail), side by side. A middle
+    row or column, when the grid is odd, counts in both halves."""
+    rows, columns = (int(v) // 2 for v in spatial_shapes[-1])  # 2x2 patches a token
+    grid = tokens[-rows * columns :].reshape(rows, columns, -1)
+    top, bottom = grid[: (rows + 1) // 2], grid[rows // 2 :]
+    halves = [(part[:, : (columns + 1) // 2], part[:, columns // 2 :]) for part in (top, bottom)]
+    return mx.concatenate([q.mean(axis=(0, 1)) for pair in halves for q in pair])
 
-    def __init__(self, model, classes: int):
+
+class Probe(nn.Module):
+    """The shapes model's vision tower and projector, and a linear classifier for each kind of
+    question on the mean of the image tokens they make (position: on its `quadrant_means`)."""
+
+    def __init__(self, model, kinds: Sequence[str], seed: int = 0):
         super().__init__()
         self.vision_tower = model.vision_tower
         self.multi_modal_projector = model.multi_modal_projector
         self._features = model.get_image_features  # uses the two modules above
-        self.classifier = nn.Linear(model.multi_modal_projector.linear_2.weight.shape[0], classes)
+        width = model.multi_modal_projector.linear_2.weight.shape[0]
+        self.classifiers = {}
+        keys = mx.random.split(mx.random.key(seed), len(kinds))
+        for kind, key in zip(kinds, keys, strict=True):
+            inputs = width * (4 if kind == "position" else 1)
+            classifier = nn.Linear(inputs, len(LABELS[kind]))
+            # weights as nn.Linear draws them, but from the seed (not MLX's global generator)
+            bound = inputs**-0.5
+            classifier.weight = mx.random.uniform(-bound, bound, classifier.weight.shape, key=key)
+            classifier.bias = mx.zeros(classifier.bias.shape)
+            self.classifiers[kind] = classifier
 
-    def __call__(self, pixel_values: mx.array, spatial_shapes: mx.array) -> mx.array:
-        return self.classifier(self._features(pixel_values, spatial_shapes).mean(axis=0))
+    def __call__(self, pixel_values: mx.array, spatial_shapes: np.ndarray) -> dict:
+        tokens = self._features(pixel_values, spatial_shapes)
+        mean = tokens.mean(axis=0)
+        return {
+            kind: classifier(quadrant_means(tokens, spatial_shapes) if kind == "position" else mean)
+            for kind, classifier in self.classifiers.items()
+        }
 
 
-def probe_model(kind: str, vision_width: int, vision_layers: int, seed: int) -> Probe:
-    from ..config import ModelConfig
-    from ..models.lfm2_vl import Lfm2VlModel
-
-    config = build.model_config(vocab_size=512)  # the language model is not used
-    config["vision_config"].update(
-        hidden_size=vision_width,
-        intermediate_size=4 * vision_width,
-        num_hidden_layers=vision_layers,
-    )
-    model = Lfm2VlModel(ModelConfig.from_dict(config))
-    model.load_weights(list(build.initial_parameters(config, seed).items()))
-    return Probe(model, len(LABELS[kind]))
+def probe_config(vision_width: int, vision_layers: int) -> dict:
+    """The shapes model's config with the tower's width and depth changed."""
+    config = build.model_config(vocab_size=512, vision_width=vision_width)  # LM unused
+    config["vision_config"]["num_hidden_layers"] = vision_layers
+    return config
 
 
-def run(
-    kind: str = "shape",
-    vision_width: int = 128,
-    vision_layers: int = 4,
+def train(
+    config: dict,
+    parameters: dict[str, mx.array],
+    kinds: Sequence[str] = ("shape",),
     steps: int = 1300,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
@@ -91,30 +113,46 @@ def run(
     report_every: int = 100,
     seed: int = 0,
     log: Callable[[str], None] = print,
-) -> list[tuple[int, float]]:
-    """Train the probe; returns (step, held-out accuracy) at every report."""
+) -> tuple[dict[str, mx.array], list[tuple[int, dict[str, float]]]]:
+    """Train the tower and projector of the model `config` from `parameters` with the probe's
+    classifiers, on the "train" split's pictures that answer `kinds`. Returns the trained
+    tower's and projector's parameters (under the model's names) and, at every report, the
+    held-out accuracy of each kind ("valid" split)."""
+    from ..config import ModelConfig
     from ..image_processor import ImageProcessor, ImageProcessorSettings
+    from ..models.lfm2_vl import Lfm2VlModel
 
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"kinds {unknown or kinds} are not among {', '.join(KINDS)}")
+    model = Lfm2VlModel(ModelConfig.from_dict(config))
+    model.load_weights(list(parameters.items()))
+    probe = Probe(model, kinds, seed)
     processor = ImageProcessor(ImageProcessorSettings.from_dict({**build.PROCESSOR, "resample": 3}))
 
-    def inputs(image: Image.Image) -> tuple[mx.array, mx.array]:
+    def inputs(image: Image.Image) -> tuple[mx.array, np.ndarray]:
         batch = processor(image)
-        return mx.array(batch.pixel_values), mx.array(batch.spatial_shapes)
+        return mx.array(batch.pixel_values), batch.spatial_shapes
 
-    train = pictures(kind, "train", train_pictures)
-    valid = [(inputs(image), label) for image, label in pictures(kind, "valid", valid_pictures)]
-    probe = probe_model(kind, vision_width, vision_layers, seed)
+    pool = pictures(kinds, "train", train_pictures)
+    valid = [(inputs(image), labels) for image, labels in pictures(kinds, "valid", valid_pictures)]
 
     def loss(model: Probe, batch: list) -> mx.array:
-        logits = mx.stack([model(*pixels) for pixels, _ in batch])
-        labels = mx.array([label for _, label in batch])
-        return nn.losses.cross_entropy(logits, labels, reduction="mean")
+        total, count = mx.array(0.0), 0
+        for pixels, labels in batch:
+            logits = model(*pixels)
+            for kind, label in labels.items():
+                total = total + nn.losses.cross_entropy(logits[kind], mx.array(label))
+                count += 1
+        return total / count
 
-    def accuracy() -> float:
-        right = [int(probe(*pixels).argmax().item()) == label for pixels, label in valid]
-        return float(np.mean(right))
+    def accuracy() -> dict[str, float]:
+        right: dict[str, list[bool]] = {kind: [] for kind in kinds}
+        for pixels, labels in valid:
+            logits = probe(*pixels)
+            for kind, label in labels.items():
+                right[kind].append(int(logits[kind].argmax().item()) == label)
+        return {kind: float(np.mean(hits)) for kind, hits in right.items() if hits}
 
     rate = learning_rate
     if warmup:
@@ -125,25 +163,31 @@ def run(
     order = np.random.default_rng(seed)
     history, began, losses = [], time.perf_counter(), []
     for step in range(1, steps + 1):
-        chosen = order.integers(len(train), size=batch_size)
-        batch = [(inputs(train[i][0]), train[i][1]) for i in chosen]
+        chosen = order.integers(len(pool), size=batch_size)
+        batch = [(inputs(pool[i][0]), pool[i][1]) for i in chosen]
         value, gradients = value_and_grad(probe, batch)
         optimizer.update(probe, gradients)
         mx.eval(probe.parameters(), optimizer.state)
         losses.append(value.item())
         if step % report_every == 0 or step == steps:
             history.append((step, accuracy()))
+            kinds_line = ", ".join(f"{k} {v:.1%}" for k, v in history[-1][1].items())
             log(
-                f"step {step}/{steps}: loss {np.mean(losses):.3f}, held-out accuracy "
-                f"{history[-1][1]:.1%} ({time.perf_counter() - began:.0f} s)"
+                f"step {step}/{steps}: loss {np.mean(losses):.3f}, held-out {kinds_line} "
+                f"({time.perf_counter() - began:.0f} s)"
             )
             losses = []
-    return history
+    trained = {f"vision_tower.{k}": v for k, v in tree_flatten(probe.vision_tower.parameters())}
+    projector = tree_flatten(probe.multi_modal_projector.parameters())
+    trained.update({f"multi_modal_projector.{k}": v for k, v in projector})
+    return trained, history
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", default="shape", choices=KINDS, help="question to learn")
+    parser.add_argument(
+        "--kind", nargs="+", default=["shape"], choices=KINDS, help="questions to learn"
+    )
     parser.add_argument("--vision-width", type=int, default=128, help="(the build's: 128)")
     parser.add_argument("--vision-layers", type=int, default=4, help="(the build's: 4)")
     parser.add_argument("--steps", type=int, default=1300)
@@ -160,7 +204,21 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.vision_width < 2 or args.vision_width % 2:
         parser.error("--vision-width must be an even number: the tower has two attention heads")
-    run(**vars(args), log=lambda line: print(line, flush=True))
+    config = probe_config(args.vision_width, args.vision_layers)
+    train(
+        config,
+        build.initial_parameters(config, args.seed),
+        args.kind,
+        args.steps,
+        args.batch_size,
+        args.learning_rate,
+        args.warmup,
+        args.train_pictures,
+        args.valid_pictures,
+        args.report_every,
+        args.seed,
+        log=lambda line: print(line, flush=True),
+    )
 
 
 if __name__ == "__main__":
