@@ -10,11 +10,13 @@ Steps, all deterministic for a given machine and library versions:
    short convolutions and attention kept), a byte-level BPE tokenizer learned on the task's
    texts with the published special tokens at their published ids, the published chat template
    and processor files with a smaller tile;
-3. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included), on
+3. optionally (`--vision-steps`), train the vision tower and projector alone first, with the
+   classifiers of `probe.py` on every kind of question;
+4. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included), on
    the stage-1 data, then on the whole task;
-4. write the trained weights into the same layout (bf16, as the published checkpoints), so
+5. write the trained weights into the same layout (bf16, as the published checkpoints), so
    `transformers` loads the folder as it loads LiquidAI's, and this port loads it with `load`;
-5. answer the test questions with the written model and record the accuracy in `shapes.json`.
+6. answer the test questions with the written model and record the accuracy in `shapes.json`.
 """
 
 from __future__ import annotations
@@ -281,8 +283,16 @@ def build(
     words), where the model first learns to read anything from the image at all, then `iters`
     steps on the whole task. Started on the whole task, a model this small sits for hundreds
     of steps on answers it guesses from the question alone: a small shape's colour is a faint
-    signal in the mean of the image tokens its first attention layers see.
+    signal in the mean of the image tokens its first attention layers see. Either stage is
+    skipped at 0 steps.
+
+    With `vision_steps`, the vision tower (`vision_width` wide) and the projector are first
+    trained alone for that many steps (`probe.train`, every kind of question): alone, the
+    tower learns shapes that it does not learn inside the whole model (docs/shapes.md, runs
+    17-20).
     """
+    if iters < 1:
+        raise ValueError("iters must be at least 1: the model is trained on the whole task")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         # checked first: a build is 15 minutes, and a folder of something else is never replaced
         raise ValueError(
@@ -434,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("warmup_iters", "vision_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 (none) or more")
+    if args.vision_width < 2 or args.vision_width % 2:
+        parser.error("--vision-width must be an even number: the tower has two attention heads")
     out = Path(args.out).expanduser().resolve()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work).expanduser() if args.work else Path(scratch)

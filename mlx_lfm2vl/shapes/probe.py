@@ -161,7 +161,7 @@ def train(
     optimizer = optim.AdamW(learning_rate=rate, weight_decay=0.0, bias_correction=True)
     value_and_grad = nn.value_and_grad(probe, loss)
     order = np.random.default_rng(seed)
-    history, began, losses = [], time.perf_counter(), []
+    history, losses = [], []
     for step in range(1, steps + 1):
         chosen = order.integers(len(pool), size=batch_size)
         batch = [(inputs(pool[i][0]), pool[i][1]) for i in chosen]
@@ -172,10 +172,7 @@ def train(
         if step % report_every == 0 or step == steps:
             history.append((step, accuracy()))
             kinds_line = ", ".join(f"{k} {v:.1%}" for k, v in history[-1][1].items())
-            log(
-                f"step {step}/{steps}: loss {np.mean(losses):.3f}, held-out {kinds_line} "
-                f"({time.perf_counter() - began:.0f} s)"
-            )
+            log(f"step {step}/{steps}: loss {np.mean(losses):.3f}, held-out {kinds_line}")
             losses = []
     trained = {f"vision_tower.{k}": v for k, v in tree_flatten(probe.vision_tower.parameters())}
     projector = tree_flatten(probe.multi_modal_projector.parameters())
@@ -205,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vision_width < 2 or args.vision_width % 2:
         parser.error("--vision-width must be an even number: the tower has two attention heads")
     config = probe_config(args.vision_width, args.vision_layers)
+    began = time.perf_counter()
     train(
         config,
         build.initial_parameters(config, args.seed),
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         args.valid_pictures,
         args.report_every,
         args.seed,
-        log=lambda line: print(line, flush=True),
+        log=lambda line: print(f"{line} ({time.perf_counter() - began:.0f} s)", flush=True),
     )
 
 
