@@ -3,9 +3,10 @@
     python -m mlx_lfm2vl.shapes.probe --kind shape --vision-width 64
 
 Trains a fresh vision tower and projector of the shapes model (`build.model_config`, same
-initial weights, the tower's width and depth changeable) together with a linear classifier on
-the mean of the projector's output tokens, on the task's pictures that answer one kind of
-question, and prints the accuracy on held-out pictures as it goes. No language model is
+initial weights, the tower's width and depth changeable) together with a linear classifier per
+kind of question (`--kind`, one or more) on the mean of the projector's output tokens, on the
+task's pictures that answer those kinds, and prints the accuracy on held-out pictures as it
+goes. No language model is
 involved, so this separates what the tower learns from a picture from what the whole model
 learns to route from the image tokens to an answer, in a few minutes instead of a build's
 fifteen. docs/shapes.md has what it measured.
