@@ -289,7 +289,7 @@ def build(
     With `vision_steps`, the vision tower (`vision_width` wide) and the projector are first
     trained alone for that many steps (`probe.train`, every kind of question): alone, the
     tower learns shapes that it does not learn inside the whole model (docs/shapes.md, runs
-    17-20).
+    17-21).
     """
     if iters < 1:
         raise ValueError("iters must be at least 1: the model is trained on the whole task")
