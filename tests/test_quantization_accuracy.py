@@ -39,7 +39,7 @@ from mlx_lfm2vl.convert import convert, quantization_plan, quantize_model
 from mlx_lfm2vl.image_processor import ImageProcessor
 from mlx_lfm2vl.loading import load_model
 from mlx_lfm2vl.models.lfm2_vl import Lfm2VlModel
-from mlx_lfm2vl.shapes.quality import distribution_agreement, mean_cosine
+from mlx_lfm2vl.shapes.quality import mean_agreement
 
 GREEDY_TOKENS = 6
 IMAGE_START, IMAGE_END = 498, 499
@@ -140,23 +140,14 @@ def run(model: nn.Module, prompts: list[Prompt]) -> Outputs:
 
 
 def compare(base: Outputs, other: Outputs) -> Metrics:
-    kl, top1, cosine, prefix = [], [], [], []
-    for lp, lq, ea, eb, ga, gb in zip(
-        base.log_probs,
-        other.log_probs,
-        base.image_embeddings,
-        other.image_embeddings,
-        base.greedy,
-        other.greedy,
-        strict=True,
-    ):
-        divergence, agreement = distribution_agreement(lp, lq)
-        kl.append(divergence)
-        top1.append(agreement)
-        cosine.append(mean_cosine(ea, eb))
-        same = next((i for i, (a, b) in enumerate(zip(ga, gb, strict=True)) if a != b), len(ga))
-        prefix.append(same)
-    return Metrics(*(float(np.mean(v)) for v in (kl, top1, cosine, prefix)))
+    kl, top1, cosine = mean_agreement(
+        base.log_probs, other.log_probs, base.image_embeddings, other.image_embeddings
+    )
+    prefix = [
+        next((i for i, (a, b) in enumerate(zip(ga, gb, strict=True)) if a != b), len(ga))
+        for ga, gb in zip(base.greedy, other.greedy, strict=True)
+    ]
+    return Metrics(kl, top1, cosine, float(np.mean(prefix)))
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -69,6 +69,25 @@ def mean_cosine(a: mx.array, b: mx.array) -> float:
     return mx.mean(cosine).item()
 
 
+def mean_agreement(
+    log_probs: list[mx.array],
+    other_log_probs: list[mx.array],
+    embeddings: list[mx.array],
+    other_embeddings: list[mx.array],
+) -> tuple[float, float, float]:
+    """KL, top-1 agreement and image-embedding cosine of two models' outputs on the same
+    questions (`distribution_agreement`, `mean_cosine` per question), each a mean over them."""
+    kl, top1, cosine = [], [], []
+    for lp, lq, ea, eb in zip(
+        log_probs, other_log_probs, embeddings, other_embeddings, strict=True
+    ):
+        divergence, agreement = distribution_agreement(lp, lq)
+        kl.append(divergence)
+        top1.append(agreement)
+        cosine.append(mean_cosine(ea, eb))
+    return float(np.mean(kl)), float(np.mean(top1)), float(np.mean(cosine))
+
+
 def _readout(model, processor, items, answers: list[list[int]]) -> _Readout:
     log_probs, embeddings = [], []
     for item, answer in zip(items, answers, strict=True):
@@ -118,18 +137,9 @@ def measure(
             model, _ = load(folder)
             scores = accuracy(model, processor, "test", count)
             readout = _readout(model, processor, items, answers)
-            kl, top1, cosine = [], [], []
-            for lp, lq, ea, eb in zip(
-                reference.log_probs,
-                readout.log_probs,
-                reference.embeddings,
-                readout.embeddings,
-                strict=True,
-            ):
-                divergence, agreement = distribution_agreement(lp, lq)
-                kl.append(divergence)
-                top1.append(agreement)
-                cosine.append(mean_cosine(ea, eb))
+            kl, top1, cosine = mean_agreement(
+                reference.log_probs, readout.log_probs, reference.embeddings, readout.embeddings
+            )
             pairs = zip(scores.answers, base_scores.answers, strict=True)
             same = np.array([a == b for a, b in pairs])
             rows.append(
@@ -139,9 +149,9 @@ def measure(
                     float(same.mean()),
                     float(same[decided].mean()),
                     float(decided.mean()),
-                    float(np.mean(kl)),
-                    float(np.mean(top1)),
-                    float(np.mean(cosine)),
+                    kl,
+                    top1,
+                    cosine,
                     _size(folder),
                 )
             )
