@@ -8,6 +8,7 @@ and by its answers, through the Python API and the command lines.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -121,7 +122,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
             warmup_iters=2,
             iters=3,
             batch_size=4,
-            vision_steps=2,  # every stage runs
+            vision_stages=[(["shape"], 2), (["color", "word"], 1)],  # every stage runs
             test_examples=4,
             valid_examples=4,
             log=lambda line: None,
@@ -129,7 +130,14 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
         manifests.append({k: v for k, v in manifest.items() if k != "seconds"})
         weights.append((out / "model.safetensors").read_bytes())
     assert manifests[0] == manifests[1]
-    assert [step for step, _ in manifests[0]["vision_validation"]] == [1, 2]
+    stages = manifests[0]["vision_stages"]
+    assert [(stage["kinds"], stage["steps"]) for stage in stages] == [
+        (["shape"], 2),
+        (["color", "word"], 1),
+    ]
+    assert [step for step, _ in stages[0]["validation"]] == [1, 2]
+    # (4 held-out pictures have no word: a kind no picture answers is not reported)
+    assert set(stages[1]["validation"][-1][1]) == {"color"}
     assert weights[0] == weights[1]
     assert not list(tmp_path.glob(".model-*"))  # no temporary folder left behind
     reference = reference_model(tmp_path / "model-a")
@@ -147,6 +155,15 @@ def test_build_never_replaces_a_folder_of_something_else(tmp_path):
         build.build(out, tmp_path / "work", log=lambda line: None)
     assert (out / "cat.jpg").read_bytes() == b"precious"
     assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_build_reads_vision_stages_and_names_the_form_of_a_wrong_one():
+    assert build.vision_stage("shape:800") == (("shape",), 800)
+    assert build.vision_stage("color,word:5") == (("color", "word"), 5)
+    assert build.vision_stage("all:3")[0] == ("color", "shape", "count", "position", "word")
+    for wrong in ("shape", "size:10", "shape:0", "shape:ten", ":10"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not KINDS:STEPS"):
+            build.vision_stage(wrong)
 
 
 def test_shipped_model_records_its_build():
@@ -312,15 +329,12 @@ def test_probe_learns_what_the_mean_of_the_image_tokens_shows():
     assert len(changed) > len(tower) // 2
 
 
-def test_probe_position_reads_the_quadrants_of_the_last_view():
-    from mlx_lfm2vl.shapes.probe import quadrant_means
+def test_probe_averages_each_picture_of_a_packed_batch_alone():
+    from mlx_lfm2vl.shapes.probe import averaging_matrix
 
-    # a thumbnail of 4x6 patches is 2x3 tokens, after a tile of 8x8 patches (16 tokens)
-    grid = np.arange(6, dtype=np.float32).reshape(2, 3)  # token values 0..5, row-major
-    tokens = mx.array(np.concatenate([np.full(16, -1.0), grid.ravel()])[:, None])
-    means = quadrant_means(tokens, np.array([[8, 8], [4, 6]]))
-    # the middle column counts in both halves
-    assert means.tolist() == [0.5, 1.5, 3.5, 4.5]
+    # three pictures of 2, 1 and 3 tokens, packed in a row
+    tokens = mx.array([[1.0], [3.0], [10.0], [4.0], [5.0], [9.0]])
+    assert (averaging_matrix([2, 1, 3]) @ tokens).tolist() == [[2.0], [10.0], [6.0]]
 
 
 def test_probe_refuses_unknown_kinds_and_odd_widths():

@@ -10,8 +10,8 @@ Steps, all deterministic for a given machine and library versions:
    short convolutions and attention kept), a byte-level BPE tokenizer learned on the task's
    texts with the published special tokens at their published ids, the published chat template
    and processor files with a smaller tile;
-3. optionally (`--vision-steps`), train the vision tower and projector alone first, with the
-   classifiers of `probe.py` on every kind of question;
+3. optionally (`--vision-stages`), train the vision tower and projector alone first, with the
+   classifiers of `probe.py`, on one set of kinds of question after another;
 4. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included), on
    the stage-1 data, then on the whole task;
 5. write the trained weights into the same layout (bf16, as the published checkpoints), so
@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -268,7 +269,7 @@ def build(
     iters: int = 2500,
     warmup_iters: int = 500,
     batch_size: int = 4,
-    vision_steps: int = 0,
+    vision_stages: Sequence[tuple[Sequence[str], int]] = (),
     vision_width: int = 128,
     learning_rate: float = 1e-3,
     seed: int = 0,
@@ -286,10 +287,11 @@ def build(
     signal in the mean of the image tokens its first attention layers see. Either stage is
     skipped at 0 steps.
 
-    With `vision_steps`, the vision tower (`vision_width` wide) and the projector are first
-    trained alone for that many steps (`probe.train`, every kind of question): alone, the
-    tower learns shapes that it does not learn inside the whole model (docs/shapes.md, runs
-    17-21).
+    With `vision_stages`, (kinds, steps) pairs, the vision tower (`vision_width` wide) and the
+    projector are first trained alone (`probe.train`), on each pair's kinds of question for its
+    steps, one pair after another: alone, the tower learns shapes that it does not learn inside
+    the whole model, and it learns them faster before the other kinds than with them
+    (docs/shapes.md, runs 17-22).
     """
     if iters < 1:
         raise ValueError("iters must be at least 1: the model is trained on the whole task")
@@ -315,18 +317,19 @@ def build(
     vocab_size = write_tokenizer(initial)
     config = model_config(vocab_size, vision_width)
     parameters = initial_parameters(config, seed)
-    vision_history = []
-    if vision_steps:
+    vision_record = []
+    for kinds, steps in vision_stages:
         from . import probe
 
-        log(f"vision stage: {vision_steps} steps of {VISION_BATCH} pictures")
-        trained, vision_history = probe.train(
-            config, parameters, probe.KINDS, vision_steps, VISION_BATCH,
-            learning_rate, train_pictures=train_examples, valid_pictures=valid_examples,
-            report_every=max(vision_steps // 4, 1), seed=seed,
+        log(f"vision stage: {steps} steps of {VISION_BATCH} pictures on {', '.join(kinds)}")
+        trained, history = probe.train(
+            config, parameters, kinds, steps, VISION_BATCH, learning_rate,
+            train_pictures=train_examples, valid_pictures=valid_examples,
+            report_every=max(steps // 4, 1), seed=seed,
             log=lambda line: log(f"vision {line} ({time.perf_counter() - began:.0f} s)"),
         )  # fmt: skip
         parameters = {**parameters, **trained}
+        vision_record.append({"kinds": list(kinds), "steps": steps, "validation": history})
     write_checkpoint(initial, parameters, mx.float32, config)
     stages = []
     start = initial
@@ -368,9 +371,8 @@ def build(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "seed": seed,
-            "vision_steps": vision_steps,
+            "vision_stages": vision_record,
             "vision_width": vision_width,
-            "vision_validation": vision_history,
             "first_losses": stages[0][1].losses[:5],
             "last_loss": stages[-1][1].losses[-1],
             "validation": {name: stage.validation for name, stage in stages},
@@ -423,13 +425,33 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
         shutil.copy(source / name, target / name)
 
 
+def vision_stage(text: str) -> tuple[tuple[str, ...], int]:
+    """ "shape,count:800" -> (("shape", "count"), 800); "all" is every kind."""
+    from .probe import KINDS
+
+    kinds, _, steps = text.rpartition(":")
+    named = KINDS if kinds == "all" else tuple(k for k in kinds.split(",") if k)
+    unknown = sorted(set(named) - set(KINDS))
+    if not named or unknown or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KINDS:STEPS, with KINDS 'all' or some of {','.join(KINDS)} "
+            "and STEPS at least 1 (e.g. shape:800)"
+        )
+    return named, int(steps)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(MODEL), help="model folder (default: %(default)s)")
     parser.add_argument("--work", help="folder for the data and the run (default: a temporary one)")
     parser.add_argument("--train-examples", type=int, default=12000, help="pictures for stage 2")
     parser.add_argument(
-        "--vision-steps", type=int, default=0, help="steps of the vision stage (default: none)"
+        "--vision-stages",
+        nargs="+",
+        default=[],
+        type=vision_stage,
+        metavar="KINDS:STEPS",
+        help="vision stages, in order, e.g. shape:800 all:1200 (default: none)",
     )
     parser.add_argument("--vision-width", type=int, default=128, help="the vision tower's width")
     parser.add_argument("--warmup-iters", type=int, default=500, help="steps of the easy stage")
@@ -441,9 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("train_examples", "iters", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup_iters", "vision_steps"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 (none) or more")
+    if args.warmup_iters < 0:
+        parser.error("--warmup-iters must be 0 (none) or more")
     if args.vision_width < 2 or args.vision_width % 2:
         parser.error("--vision-width must be an even number: the tower has two attention heads")
     out = Path(args.out).expanduser().resolve()
@@ -457,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.iters,
                 args.warmup_iters,
                 args.batch_size,
-                args.vision_steps,
+                args.vision_stages,
                 args.vision_width,
                 args.learning_rate,
                 args.seed,

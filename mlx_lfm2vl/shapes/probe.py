@@ -4,15 +4,11 @@
 
 Trains a fresh vision tower and projector of the shapes model (`build.model_config`, same
 initial weights, the tower's width and depth changeable) together with a linear classifier per
-kind of question (`--kind`, one or more) on the mean of the projector's output tokens, on the
-task's pictures that answer those kinds, and prints the accuracy on held-out pictures as it
-goes. No language model is
-involved, so this separates what the tower learns from a picture from what the whole model
-learns to route from the image tokens to an answer, in a few minutes instead of a build's
-fifteen. docs/shapes.md has what it measured.
-
-The mean of the tokens does not say where they were, so the position classifier reads the
-means of the four quadrants of the picture's last view (its single view, or its thumbnail).
+kind of question (`--kind`, one or more) on the mean of a picture's image tokens (the
+projector's output), on the task's pictures that answer those kinds, and prints the accuracy on
+held-out pictures as it goes. No language model is involved, so this separates what the tower
+learns from a picture from what the whole model learns to route from the image tokens to an
+answer, in a few minutes instead of a build's fifteen. docs/shapes.md has what it measured.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,20 +50,24 @@ def pictures(kinds: Sequence[str], split: str, count: int) -> list[tuple[Image.I
     return found
 
 
-def quadrant_means(tokens: mx.array, spatial_shapes: np.ndarray) -> mx.array:
-    """The means of the four quadrants (top left, top right, bottom left, bottom right) of the
-    last view's token grid (a picture's single view, or its thumbnail), side by side. A middle
-    row or column, when the grid is odd, counts in both halves."""
-    rows, columns = (int(v) // 2 for v in spatial_shapes[-1])  # 2x2 patches a token
-    grid = tokens[-rows * columns :].reshape(rows, columns, -1)
-    top, bottom = grid[: (rows + 1) // 2], grid[rows // 2 :]
-    halves = [(part[:, : (columns + 1) // 2], part[:, columns // 2 :]) for part in (top, bottom)]
-    return mx.concatenate([q.mean(axis=(0, 1)) for pair in halves for q in pair])
+def averaging_matrix(tokens_per_picture: Sequence[int]) -> mx.array:
+    """(pictures, tokens) weights that average each picture's run of tokens in a packed batch."""
+    ends = np.cumsum(tokens_per_picture)
+    weights = np.zeros((len(ends), int(ends[-1])), np.float32)
+    for row, (start, end) in enumerate(zip(ends - tokens_per_picture, ends, strict=True)):
+        weights[row, start:end] = 1.0 / (end - start)
+    return mx.array(weights)
 
 
 class Probe(nn.Module):
     """The shapes model's vision tower and projector, and a linear classifier for each kind of
-    question on the mean of the image tokens they make (position: on its `quadrant_means`)."""
+    question on the mean of a picture's image tokens.
+
+    Position too is read from the mean, so the tokens themselves must say where they are: that
+    is how the language model sees them. (A first version read the means of the four quadrants
+    of the picture's last view; the classifier then knew where every token was, the tower
+    learned nothing of it, and the whole model trained after it answered 28% of position
+    questions, chance 25%: docs/shapes.md, run 20.)"""
 
     def __init__(self, model, kinds: Sequence[str], seed: int = 0):
         super().__init__()
@@ -77,21 +78,44 @@ class Probe(nn.Module):
         self.classifiers = {}
         keys = mx.random.split(mx.random.key(seed), len(kinds))
         for kind, key in zip(kinds, keys, strict=True):
-            inputs = width * (4 if kind == "position" else 1)
-            classifier = nn.Linear(inputs, len(LABELS[kind]))
+            classifier = nn.Linear(width, len(LABELS[kind]))
             # weights as nn.Linear draws them, but from the seed (not MLX's global generator)
-            bound = inputs**-0.5
+            bound = width**-0.5
             classifier.weight = mx.random.uniform(-bound, bound, classifier.weight.shape, key=key)
             classifier.bias = mx.zeros(classifier.bias.shape)
             self.classifiers[kind] = classifier
 
-    def __call__(self, pixel_values: mx.array, spatial_shapes: np.ndarray) -> dict:
-        tokens = self._features(pixel_values, spatial_shapes)
-        mean = tokens.mean(axis=0)
-        return {
-            kind: classifier(quadrant_means(tokens, spatial_shapes) if kind == "position" else mean)
-            for kind, classifier in self.classifiers.items()
-        }
+    def __call__(self, batch: Batch) -> dict[str, mx.array]:
+        """Logits (pictures, answers) of every kind, for a packed batch of pictures."""
+        means = batch.averaging @ self._features(batch.pixel_values, batch.spatial_shapes)
+        return {kind: classifier(means) for kind, classifier in self.classifiers.items()}
+
+
+@dataclass
+class Batch:
+    """Pictures packed as one processor output: all their views' patches in a row, so that the
+    tower runs the views of one grid size (most tiles and single views) as one batch."""
+
+    pixel_values: mx.array
+    spatial_shapes: np.ndarray
+    averaging: mx.array  # (pictures, tokens): each picture's mean token
+    labels: list[dict[str, int]]
+
+    @classmethod
+    def pack(cls, processor, pictures: Sequence[tuple[Image.Image, dict]]) -> Batch:
+        outputs = [processor(image) for image, _ in pictures]
+        tokens = [int((out.spatial_shapes // 2).prod(axis=1).sum()) for out in outputs]
+        return cls(
+            mx.concatenate([mx.array(out.pixel_values) for out in outputs]),
+            np.concatenate([out.spatial_shapes for out in outputs]),
+            averaging_matrix(tokens),
+            [labels for _, labels in pictures],
+        )
+
+    def answers(self, kind: str) -> tuple[list[int], list[int]]:
+        """The pictures that answer `kind` (rows of the batch) and their answers."""
+        rows = [row for row, labels in enumerate(self.labels) if kind in labels]
+        return rows, [self.labels[row][kind] for row in rows]
 
 
 def probe_config(vision_width: int, vision_layers: int) -> dict:
@@ -131,28 +155,32 @@ def train(
     probe = Probe(model, kinds, seed)
     processor = ImageProcessor(ImageProcessorSettings.from_dict({**build.PROCESSOR, "resample": 3}))
 
-    def inputs(image: Image.Image) -> tuple[mx.array, np.ndarray]:
-        batch = processor(image)
-        return mx.array(batch.pixel_values), batch.spatial_shapes
-
     pool = pictures(kinds, "train", train_pictures)
-    valid = [(inputs(image), labels) for image, labels in pictures(kinds, "valid", valid_pictures)]
+    valid = [
+        Batch.pack(processor, chunk)
+        for chunk in _chunks(pictures(kinds, "valid", valid_pictures), batch_size)
+    ]
 
-    def loss(model: Probe, batch: list) -> mx.array:
+    def loss(model: Probe, batch: Batch) -> mx.array:
+        logits = model(batch)
         total, count = mx.array(0.0), 0
-        for pixels, labels in batch:
-            logits = model(*pixels)
-            for kind, label in labels.items():
-                total = total + nn.losses.cross_entropy(logits[kind], mx.array(label))
-                count += 1
+        for kind in logits:
+            rows, answers = batch.answers(kind)
+            if rows:
+                chosen = logits[kind][mx.array(rows)]
+                total = total + nn.losses.cross_entropy(chosen, mx.array(answers)).sum()
+                count += len(rows)
         return total / count
 
     def accuracy() -> dict[str, float]:
         right: dict[str, list[bool]] = {kind: [] for kind in kinds}
-        for pixels, labels in valid:
-            logits = probe(*pixels)
-            for kind, label in labels.items():
-                right[kind].append(int(logits[kind].argmax().item()) == label)
+        for batch in valid:
+            logits = probe(batch)
+            for kind in kinds:
+                rows, answers = batch.answers(kind)
+                if rows:
+                    guesses = logits[kind][mx.array(rows)].argmax(axis=1).tolist()
+                    right[kind] += [g == a for g, a in zip(guesses, answers, strict=True)]
         return {kind: float(np.mean(hits)) for kind, hits in right.items() if hits}
 
     rate = learning_rate
@@ -165,7 +193,7 @@ def train(
     history, losses = [], []
     for step in range(1, steps + 1):
         chosen = order.integers(len(pool), size=batch_size)
-        batch = [(inputs(pool[i][0]), pool[i][1]) for i in chosen]
+        batch = Batch.pack(processor, [pool[i] for i in chosen])
         value, gradients = value_and_grad(probe, batch)
         optimizer.update(probe, gradients)
         mx.eval(probe.parameters(), optimizer.state)
@@ -179,6 +207,10 @@ def train(
     projector = tree_flatten(probe.multi_modal_projector.parameters())
     trained.update({f"multi_modal_projector.{k}": v for k, v in projector})
     return trained, history
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def main(argv: list[str] | None = None) -> None:
