@@ -396,9 +396,12 @@ def test_relaunch_preloads_the_blas_replays_the_command_and_restores_ld_preload(
 
 
 def test_an_unwritable_cache_folder_is_a_clear_error_and_the_cli_still_runs(tmp_path):
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    unwritable = not_a_folder / "cache"  # under a file: no folder can be made there
     with pytest.raises(Lfm2VlError, match="XDG_CACHE_HOME"):
-        blas.build_gemv_forward(Path("/dev/null/cache"))
-    env = dict(os.environ, XDG_CACHE_HOME="/dev/null/cache", LD_PRELOAD="")
+        blas.build_gemv_forward(unwritable)
+    env = dict(os.environ, XDG_CACHE_HOME=str(unwritable), LD_PRELOAD="")
     command = [sys.executable, "-m", "mlx_lfm2vl.generate", "--help"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "Usage" in done.stdout, done.stderr
