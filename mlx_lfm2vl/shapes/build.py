@@ -10,10 +10,10 @@ Steps, all deterministic for a given machine and library versions:
    short convolutions and attention kept), a byte-level BPE tokenizer learned on the task's
    texts with the published special tokens at their published ids, the published chat template
    and processor files with a smaller tile;
-3. optionally (`--vision-stages`), train the vision tower and projector alone first, with the
-   classifiers of `probe.py`, on one set of kinds of question after another;
-4. train every weight with `mlx_lfm2vl.train` (full fine-tuning, vision tower included), on
-   the stage-1 data, then on the whole task;
+3. train the vision tower and projector alone first, with the classifiers of `probe.py`, on
+   one set of kinds of question after another (`--vision-stages`);
+4. train the language model with `mlx_lfm2vl.train` (full fine-tuning; the vision tower and
+   projector too with `--train-vision`) on the whole task, after an optional easy stage;
 5. write the trained weights into the same layout (bf16, as the published checkpoints), so
    `transformers` loads the folder as it loads LiquidAI's, and this port loads it with `load`;
 6. answer the test questions with the written model and record the accuracy in `shapes.json`.
@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,7 +58,31 @@ PROCESSOR = {
 }
 
 
-def model_config(vocab_size: int, vision_width: int = 128) -> dict:
+# The default recipe (the shipped model's; docs/shapes.md, "The build" and runs 22-27). The
+# vision tower and projector are first trained alone (`probe.train`, VISION_BATCH pictures a
+# step): positions alone, then positions and shapes, then every kind. Inside the whole model the
+# tower learned colour and nothing else (runs 11-18): what the answers ask reaches it only through
+# the language model, which by then reads colour alone. Then the language model is trained on
+# the task with the tower frozen: trained further, the tower lost the positions (run 25).
+VISION_STAGES = ((("position",), 300), (("position", "shape"), 600), (task.KINDS, 1900))
+VISION_BATCH = 16
+# Half the width first tried: alone, it learned shapes as well (92%) in 1,000 steps, not 1,300.
+VISION_WIDTH = 64
+# Positions are learned only while they are a large share of each step: with each position
+# picture drawn four times, the tower keeps them beside the other kinds; at their natural fifth
+# it loses them (runs 24-25). Words, the slowest kind, drawn twice: 52% of them at the end of
+# the vision stages, not 30% (runs 27-28).
+VISION_REPEATS = {"position": 4, "word": 2}
+# The tower resizes its 16x16 position table to each view's grid (8-10 patches a side here)
+# with an antialiased filter, which averages neighbouring entries: a normal(0, 0.02) table comes
+# out at a standard deviation of 0.007-0.009, ~2% of what a patch adds, and single image tokens
+# did not say where they were (run 11). Smooth 2-D sines survive the resize. At full size they
+# drowned the colour when the whole model learned both at once (run 13); the vision stages,
+# which learn positions first, need them at full size (at 0.1, 32% of positions after 600 steps).
+POSITION_TABLE_SCALE = 1.0
+
+
+def model_config(vocab_size: int, vision_width: int = VISION_WIDTH) -> dict:
     """config.json: LFM2-VL-450M's fields, narrower and shallower."""
     text = {
         "architectures": ["Lfm2ForCausalLM"],
@@ -200,11 +224,13 @@ def hf_weights(parameters: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def initial_parameters(config: dict, seed: int) -> dict[str, mx.array]:
+def initial_parameters(
+    config: dict, seed: int, position_table_scale: float = POSITION_TABLE_SCALE
+) -> dict[str, mx.array]:
     """Random weights: normal(0, 0.02) matrices, embeddings and convolutions (the config's
-    `initializer_range`), zero biases, unit norms, and the vision position table as small 2-D
-    sines (`sincos_positions`). (SigLIP's own, larger init of the vision tower trained worse
-    here: measured in docs/shapes.md.)"""
+    `initializer_range`), zero biases, unit norms, and the vision position table as 2-D sines
+    (`sincos_positions`) times `position_table_scale`. (SigLIP's own, larger init of the vision
+    tower trained worse here: measured in docs/shapes.md.)"""
     from ..config import ModelConfig
     from ..models.lfm2_vl import Lfm2VlModel
 
@@ -217,22 +243,11 @@ def initial_parameters(config: dict, seed: int) -> dict[str, mx.array]:
         elif name.endswith("bias"):
             array = np.zeros(value.shape)
         elif name.endswith("embeddings.position_embedding.weight"):
-            array = POSITION_TABLE_SCALE * sincos_positions(*value.shape)
+            array = position_table_scale * sincos_positions(*value.shape)
         else:
             array = rng.normal(0.0, 0.02, value.shape)
         out[name] = mx.array(array.astype(np.float32))
     return out
-
-
-# The vision tower resizes its 16x16 position table to each view's grid (8-10 patches a side
-# here) with an antialiased filter, which averages neighbouring entries: a normal(0, 0.02)
-# table comes out at a standard deviation of 0.007-0.009, ~2% of what a patch adds. Trained from
-# it, single image tokens did not say where they were (a linear probe placed them in the right
-# quadrant 28% of the time, chance 25%). Smooth sines survive the resize. At full size (values
-# up to 1) they drowned the colour the patches carry and the model learned less; at a tenth it
-# learned as much as with the random table, and no more (docs/shapes.md, runs 11, 13, 14).
-POSITION_TABLE_SCALE = 0.1
-VISION_BATCH = 16  # pictures a step of the vision stage
 
 
 def sincos_positions(count: int, width: int) -> np.ndarray:
@@ -266,11 +281,14 @@ def build(
     out: Path,
     work: Path,
     train_examples: int = 12000,
-    iters: int = 2500,
-    warmup_iters: int = 500,
-    batch_size: int = 4,
-    vision_stages: Sequence[tuple[Sequence[str], int]] = (),
-    vision_width: int = 128,
+    iters: int = 300,
+    warmup_iters: int = 0,
+    batch_size: int = 16,
+    vision_stages: Sequence[tuple[Sequence[str], int]] = VISION_STAGES,
+    vision_width: int = VISION_WIDTH,
+    vision_repeats: Mapping[str, int] | None = VISION_REPEATS,
+    position_table_scale: float = POSITION_TABLE_SCALE,
+    train_vision: bool = False,
     learning_rate: float = 1e-3,
     seed: int = 0,
     test_examples: int = 500,
@@ -279,19 +297,19 @@ def build(
 ) -> dict:
     """Make the shapes model in `out` (replaced only when complete), working in `work`.
 
-    Training has two stages, both full training of every weight with `mlx_lfm2vl.train`:
-    `warmup_iters` steps on the easy "warmup" split (lone shapes, large or in a quadrant, and
-    words), where the model first learns to read anything from the image at all, then `iters`
-    steps on the whole task. Started on the whole task, a model this small sits for hundreds
-    of steps on answers it guesses from the question alone: a small shape's colour is a faint
-    signal in the mean of the image tokens its first attention layers see. Either stage is
-    skipped at 0 steps.
+    First the vision stages, (kinds, steps) pairs: the vision tower (`vision_width` wide) and
+    the projector are trained alone (`probe.train`), on each pair's kinds of question for its
+    steps, one pair after another, drawing the pictures of a kind in `vision_repeats` that many
+    times as often. Alone, the tower learns shapes and positions that it does not learn inside
+    the whole model (the defaults and why: VISION_STAGES above).
 
-    With `vision_stages`, (kinds, steps) pairs, the vision tower (`vision_width` wide) and the
-    projector are first trained alone (`probe.train`), on each pair's kinds of question for its
-    steps, one pair after another: alone, the tower learns shapes that it does not learn inside
-    the whole model, and it learns them faster before the other kinds than with them
-    (docs/shapes.md, runs 17-22).
+    Then the trainer's stages, full training with `mlx_lfm2vl.train` of the language model
+    (and of the tower and projector with `train_vision`): `warmup_iters` steps on the easy
+    "warmup" split (lone shapes, large or in a quadrant, and words), then `iters` steps on the
+    whole task. The easy stage is for a tower trained from scratch inside the whole model,
+    without vision stages (docs/shapes.md, runs 11-14): started on the whole task, such a model
+    sits for hundreds of steps on answers it guesses from the question alone. It is skipped at
+    0 steps (the default).
     """
     if iters < 1:
         raise ValueError("iters must be at least 1: the model is trained on the whole task")
@@ -316,7 +334,7 @@ def build(
     initial.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(initial)
     config = model_config(vocab_size, vision_width)
-    parameters = initial_parameters(config, seed)
+    parameters = initial_parameters(config, seed, position_table_scale)
     vision_record = []
     for kinds, steps in vision_stages:
         from . import probe
@@ -327,6 +345,7 @@ def build(
             train_pictures=train_examples, valid_pictures=valid_examples,
             report_every=max(steps // 4, 1), seed=seed,
             log=lambda line: log(f"vision {line} ({time.perf_counter() - began:.0f} s)"),
+            repeats=vision_repeats,
         )  # fmt: skip
         parameters = {**parameters, **trained}
         vision_record.append({"kinds": list(kinds), "steps": steps, "validation": history})
@@ -345,7 +364,7 @@ def build(
 
         result, parameters = _train_stage(
             start, stage_data, work / name, stage_iters, batch_size, learning_rate, schedule,
-            seed, stage_log,
+            train_vision, seed, stage_log,
         )  # fmt: skip
         stages.append((name, result))
         start = work / f"{name}-model"
@@ -373,6 +392,9 @@ def build(
             "seed": seed,
             "vision_stages": vision_record,
             "vision_width": vision_width,
+            "vision_repeats": dict(vision_repeats or {}),
+            "position_table_scale": position_table_scale,
+            "train_vision": train_vision,
             "first_losses": stages[0][1].losses[:5],
             "last_loss": stages[-1][1].losses[-1],
             "validation": {name: stage.validation for name, stage in stages},
@@ -389,8 +411,11 @@ def build(
     return manifest
 
 
-def _train_stage(start, data, run, iters, batch_size, learning_rate, schedule, seed, log):
-    """Train every weight of the checkpoint `start`; returns the result and the new weights."""
+def _train_stage(
+    start, data, run, iters, batch_size, learning_rate, schedule, train_vision, seed, log
+):
+    """Train every weight of the checkpoint `start` (the vision tower and projector only with
+    `train_vision`); returns the result and the new weights."""
     from ..loading import load_model
     from ..train import TrainOptions, TrainReport, ValidationReport, train
 
@@ -409,7 +434,7 @@ def _train_stage(start, data, run, iters, batch_size, learning_rate, schedule, s
         warmup=min(100, iters // 10),
         grad_clip=1.0,
         full=True,
-        train_vision=True,
+        train_vision=train_vision,
         seed=seed,
         val_every=max(iters // 4, 1),
         save_every=max(iters // 4, 1),
@@ -440,6 +465,19 @@ def vision_stage(text: str) -> tuple[tuple[str, ...], int]:
     return named, int(steps)
 
 
+def vision_repeat(text: str) -> tuple[str, int]:
+    """ "position:4" -> ("position", 4)."""
+    from .probe import KINDS
+
+    kind, _, times = text.rpartition(":")
+    if kind not in KINDS or not times.isdigit() or int(times) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KIND:TIMES, with KIND one of {','.join(KINDS)} "
+            "and TIMES at least 1 (e.g. position:4)"
+        )
+    return kind, int(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(MODEL), help="model folder (default: %(default)s)")
@@ -447,16 +485,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-examples", type=int, default=12000, help="pictures for stage 2")
     parser.add_argument(
         "--vision-stages",
-        nargs="+",
-        default=[],
+        nargs="*",
+        default=VISION_STAGES,
         type=vision_stage,
         metavar="KINDS:STEPS",
-        help="vision stages, in order, e.g. shape:800 all:1200 (default: none)",
+        help="vision stages, in order (default: position:300 position,shape:600 all:1900; "
+        "none if given without any)",
     )
-    parser.add_argument("--vision-width", type=int, default=128, help="the vision tower's width")
-    parser.add_argument("--warmup-iters", type=int, default=500, help="steps of the easy stage")
-    parser.add_argument("--iters", type=int, default=2500, help="steps on the whole task")
-    parser.add_argument("--batch-size", type=int, default=4, help="conversations a step")
+    parser.add_argument(
+        "--vision-width", type=int, default=VISION_WIDTH, help="the tower's width (%(default)s)"
+    )
+    parser.add_argument(
+        "--vision-repeats",
+        nargs="*",
+        default=list(VISION_REPEATS.items()),
+        type=vision_repeat,
+        metavar="KIND:TIMES",
+        help="the vision stages draw the pictures of KIND TIMES as often "
+        "(default: position:4 word:2; none if given without any)",
+    )
+    parser.add_argument(
+        "--position-table-scale",
+        type=float,
+        default=POSITION_TABLE_SCALE,
+        help="size of the vision tower's initial position table (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-vision",
+        action="store_true",
+        help="train the vision tower and projector in the task stages too (default: they stay "
+        "as the vision stages left them)",
+    )
+    parser.add_argument("--warmup-iters", type=int, default=0, help="steps of the easy stage")
+    parser.add_argument("--iters", type=int, default=300, help="steps on the whole task")
+    parser.add_argument("--batch-size", type=int, default=16, help="conversations a step")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
     parser.add_argument("--seed", type=int, default=0, help="data order and initial weights")
     args = parser.parse_args(argv)
@@ -474,14 +536,17 @@ def main(argv: list[str] | None = None) -> None:
             build(
                 out,
                 work,
-                args.train_examples,
-                args.iters,
-                args.warmup_iters,
-                args.batch_size,
-                args.vision_stages,
-                args.vision_width,
-                args.learning_rate,
-                args.seed,
+                train_examples=args.train_examples,
+                iters=args.iters,
+                warmup_iters=args.warmup_iters,
+                batch_size=args.batch_size,
+                vision_stages=tuple((tuple(kinds), steps) for kinds, steps in args.vision_stages),
+                vision_width=args.vision_width,
+                vision_repeats=dict(args.vision_repeats),
+                position_table_scale=args.position_table_scale,
+                train_vision=args.train_vision,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
                 log=lambda line: print(line, file=sys.stderr, flush=True),
             )
         except ValueError as error:

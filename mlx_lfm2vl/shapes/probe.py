@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -48,6 +48,16 @@ def pictures(kinds: Sequence[str], split: str, count: int) -> list[tuple[Image.I
         if labels:
             found.append((item.image, labels))
     return found
+
+
+def repeated(pool: list[tuple[Image.Image, dict]], repeats: Mapping[str, int]) -> list:
+    """`pool` with each picture `repeats[kind]` times in all (1 for kinds not named; the most
+    of its kinds' for a picture that answers several), so that training draws those kinds more
+    often."""
+    out = []
+    for picture in pool:
+        out += [picture] * max(repeats.get(kind, 1) for kind in picture[1])
+    return out
 
 
 def averaging_matrix(tokens_per_picture: Sequence[int]) -> mx.array:
@@ -138,11 +148,13 @@ def train(
     report_every: int = 100,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    repeats: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, mx.array], list[tuple[int, dict[str, float]]]]:
     """Train the tower and projector of the model `config` from `parameters` with the probe's
-    classifiers, on the "train" split's pictures that answer `kinds`. Returns the trained
-    tower's and projector's parameters (under the model's names) and, at every report, the
-    held-out accuracy of each kind ("valid" split)."""
+    classifiers, on the "train" split's pictures that answer `kinds` (those that answer a kind
+    in `repeats` drawn that many times as often). Returns the trained tower's and projector's
+    parameters (under the model's names) and, at every report, the held-out accuracy of each
+    kind ("valid" split)."""
     from ..config import ModelConfig
     from ..image_processor import ImageProcessor, ImageProcessorSettings
     from ..models.lfm2_vl import Lfm2VlModel
@@ -155,7 +167,7 @@ def train(
     probe = Probe(model, kinds, seed)
     processor = ImageProcessor(ImageProcessorSettings.from_dict({**build.PROCESSOR, "resample": 3}))
 
-    pool = pictures(kinds, "train", train_pictures)
+    pool = repeated(pictures(kinds, "train", train_pictures), repeats or {})
     valid = [
         Batch.pack(processor, chunk)
         for chunk in _chunks(pictures(kinds, "valid", valid_pictures), batch_size)
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--kind", nargs="+", default=["shape"], choices=KINDS, help="questions to learn"
     )
-    parser.add_argument("--vision-width", type=int, default=128, help="(the build's: 128)")
+    parser.add_argument(
+        "--vision-width", type=int, default=build.VISION_WIDTH, help="(the build's: %(default)s)"
+    )
     parser.add_argument("--vision-layers", type=int, default=4, help="(the build's: 4)")
     parser.add_argument("--steps", type=int, default=1300)
     parser.add_argument("--batch-size", type=int, default=16, help="pictures a step")
