@@ -127,7 +127,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
             vision_stages=[(["shape"], 2), (["color", "word"], 1)],  # every stage runs
             vision_repeats={"color": 3},
             position_table_scale=0.5,
-            freeze_vision=True,
+            train_vision=False,  # the default: the tower stays as the vision stages left it
             test_examples=4,
             valid_examples=4,
             log=lambda line: None,
@@ -144,7 +144,7 @@ def test_build_is_deterministic_and_writes_a_folder_the_reference_loads(tmp_path
     # (4 held-out pictures have no word: a kind no picture answers is not reported)
     assert set(stages[1]["validation"][-1][1]) == {"color"}
     assert weights[0] == weights[1]
-    assert (manifests[0]["vision_repeats"], manifests[0]["freeze_vision"]) == ({"color": 3}, True)
+    assert (manifests[0]["vision_repeats"], manifests[0]["train_vision"]) == ({"color": 3}, False)
     # with the tower frozen, the task stages leave it and the projector as the vision stages did
     after_vision = mx.load(str(tmp_path / "work-a" / "initial" / "model.safetensors"))
     written = mx.load(str(tmp_path / "model-a" / "model.safetensors"))
@@ -191,14 +191,14 @@ def test_build_reads_vision_stages_and_names_the_form_of_a_wrong_one():
 def test_build_command_defaults_are_the_functions(monkeypatch, tmp_path):
     """`python -m mlx_lfm2vl.shapes.build` with no options runs `build.build`'s defaults, the
     recipe the shipped model records (next test)."""
-    called = {}
-    monkeypatch.setattr(build, "build", lambda out, work, **options: called.update(options))
-    build.main(["--out", str(tmp_path / "model")])
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(build.build).parameters.items()
         if name not in ("out", "work", "log", "test_examples", "valid_examples")
     }
+    called = {}
+    monkeypatch.setattr(build, "build", lambda out, work, **options: called.update(options))
+    build.main(["--out", str(tmp_path / "model")])
     assert {k: v for k, v in called.items() if k != "log"} == defaults
 
 

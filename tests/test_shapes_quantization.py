@@ -7,10 +7,10 @@ converts the model as a user would, loads the folder and asks the held-out test 
 `mlx_lfm2vl.shapes.quality` computes the measures (and prints the table docs/quantization.md
 shows, over 500 questions). The bounds hold with room for the Metal path's bf16 compute.
 
-"Same answers" is asserted over the questions the float model decides (`quality.MARGIN`): the
-shapes model answers most non-colour questions at chance, with its candidates' logits within a
-thousandth of each other, and 8-bit rounding flips such ties (measured: every answer 8-bit
-changed had a margin under 0.0013 logits; docs/quantization.md).
+"Same answers" is asserted over the questions the float model decides (`quality.MARGIN`; two
+in three): where the shapes model is unsure (some counts, most words), its candidates' logits
+can be close enough for any rounding to flip the answer. Over all questions, 8 bits computing
+in float32 must keep 99% of the answers, as issue 19 asks (measured: all of them).
 """
 
 from __future__ import annotations
@@ -29,24 +29,26 @@ QUESTIONS = 200
 QUESTIONS_EMULATED = 25
 
 # recipe: (min exact match, min same answers on decided questions, max KL, min top-1,
-# min image cosine), computing in float32 (the CPU path). Measured over 500 questions
-# (docs/quantization.md): exact match 42-43% for every recipe (float 42.2%), KL 8e-7
-# (uniform-8), 4.5e-6 (mixed-4), 5.3e-4 (lm-4, uniform-4), top-1 0.977-0.999, image cosine
-# 0.9999-1.
+# min image cosine), computing in float32 (the CPU path). Measured over these 200 questions
+# (docs/quantization.md has the 500): exact match 79.5-81.5% (float 81.5%), every decided
+# answer kept, KL 6.8e-7 (uniform-8), 5.5e-5 (mixed-4), 2.4-2.7e-4 (uniform-4, lm-4), top-1
+# 0.983-1, image cosine 0.9987 (uniform-4, its tower at 4 bits) to 1.
 BOUNDS = {
-    "uniform-8": (0.38, 0.99, 2e-5, 0.95, 0.9995),
-    "mixed-4": (0.38, 0.99, 1e-4, 0.95, 0.9995),
-    "lm-4": (0.38, 0.97, 3e-3, 0.95, 0.9995),
-    "uniform-4": (0.38, 0.97, 3e-3, 0.95, 0.999),
+    "uniform-8": (0.77, 0.99, 2e-5, 0.98, 0.9995),
+    "mixed-4": (0.77, 0.99, 5e-4, 0.95, 0.9995),
+    "lm-4": (0.75, 0.99, 3e-3, 0.93, 0.9995),
+    "uniform-4": (0.75, 0.99, 3e-3, 0.93, 0.995),
 }
+SAME_ANSWERS_8BIT = 0.99  # over all the questions, computing in float32 (issue 19)
 # Computing in bf16 (the Metal path), the float model and each quantized one round differently
-# at every operation, and that noise dominates: over 25 questions, KL 2.8e-4 for uniform-8 and
-# 1.2-1.5e-3 for the 4-bit recipes, top-1 0.81-0.89, exact match 36-44% (float 40%).
+# at every operation, and that noise dominates: over 25 questions, KL 2.1e-4 for uniform-8 and
+# 3.6e-4 (mixed-4) to 9.1e-4 for the 4-bit recipes, top-1 0.94-0.98, exact match 80-88% (float
+# 84%), every decided answer kept.
 BOUNDS_BF16 = {
-    "uniform-8": (0.28, 0.99, 2e-3, 0.7, 0.999),
-    "mixed-4": (0.28, 0.99, 6e-3, 0.7, 0.999),
-    "lm-4": (0.28, 0.97, 6e-3, 0.7, 0.999),
-    "uniform-4": (0.28, 0.97, 6e-3, 0.7, 0.998),
+    "uniform-8": (0.68, 0.99, 2e-3, 0.8, 0.999),
+    "mixed-4": (0.68, 0.99, 6e-3, 0.8, 0.999),
+    "lm-4": (0.68, 0.99, 6e-3, 0.8, 0.999),
+    "uniform-4": (0.68, 0.99, 6e-3, 0.8, 0.995),
 }
 
 
@@ -90,16 +92,24 @@ def test_recipe_keeps_the_answers(quality, bounds, recipe):
     assert row.bytes < quality["float"].bytes
 
 
+def test_8bit_keeps_the_answers_to_the_test_questions(quality, shapes_dtype):
+    """Issue 19: 8 bits keep the answers to at least 99% of the test questions. Computing in
+    bf16, the rounding of each operation flips close calls of its own (measured: one of the 25
+    emulated questions), so there the bound is 90%."""
+    bound = SAME_ANSWERS_8BIT if shapes_dtype == mx.float32 else 0.9
+    assert quality["uniform-8"].same_answers >= bound, quality["uniform-8"]
+
+
 def test_default_4bit_recipe_is_the_most_faithful_4bit_recipe(quality, shapes_dtype):
     """The default 4-bit recipe moves the next-token distributions least of the 4-bit recipes
-    (KL, computing in float32: 4.5e-6 against 5.3e-4 when measured) and loses no more decided
-    answers than any of them. In bf16 compute the rounding noise hides the difference (1.22e-3
-    against 1.23e-3 and 1.48e-3): there it must be no worse than the others by more than that
-    noise."""
+    (KL, computing in float32: 5.5e-5 against 2.4e-4 and 2.7e-4 when measured) and loses no
+    more decided answers than any of them. In bf16 compute the rounding noise blurs the
+    difference (3.6e-4 against 8.1e-4 and 9.1e-4): there it must be no worse than the others by
+    more than that noise."""
     default = quality[DEFAULT_RECIPE[4]]
     others = [quality[name] for name in RECIPES if name not in ("uniform-8", DEFAULT_RECIPE[4])]
     if shapes_dtype == mx.float32:
-        assert all(default.kl < row.kl / 10 for row in others), others
+        assert all(default.kl < row.kl / 3 for row in others), others
     else:
         assert default.kl <= 1.2 * min(row.kl for row in others), others
     assert default.same_decided >= max(row.same_decided for row in others)
