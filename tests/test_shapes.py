@@ -194,12 +194,64 @@ def test_build_command_defaults_are_the_functions(monkeypatch, tmp_path):
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(build.build).parameters.items()
-        if name not in ("out", "work", "log", "test_examples", "valid_examples")
+        if name not in ("out", "work", "log")
     }
-    called = {}
+    called, launched = {}, {}
     monkeypatch.setattr(build, "build", lambda out, work, **options: called.update(options))
-    build.main(["--out", str(tmp_path / "model")])
+    monkeypatch.setattr(
+        build, "launch", lambda processes, arguments, work: launched.update(locals()) or 0
+    )
+    out = str(tmp_path / "model")
+    if build.default_processes() > 1:  # MLX's CPU backend: the build shares out its steps
+        with pytest.raises(SystemExit) as exited:
+            build.main(["--out", out])
+        assert exited.value.code == 0 and not called
+        assert launched["processes"] == build.default_processes()
+        assert launched["arguments"] == ["--out", out, "--work", str(launched["work"].resolve())]
+    build.main(["--out", out, "--processes", "1"])
     assert {k: v for k, v in called.items() if k != "log"} == defaults
+
+
+TINY_BUILD = {
+    "train_examples": 12,
+    "iters": 3,
+    "batch_size": 4,
+    "vision_stages": [(["shape"], 2), (["color", "word"], 2)],
+    "test_examples": 4,
+    "valid_examples": 8,
+}
+
+
+def test_build_in_two_processes_trains_as_one_process_does(tmp_path):
+    """`--processes 2`: two processes share each step's pictures and conversations and add up
+    their gradients, so they train what one process trains, but for the order of the sums."""
+    one = build.build(tmp_path / "one", tmp_path / "work-one", log=lambda line: None, **TINY_BUILD)
+    command = [sys.executable, "-m", "mlx_lfm2vl.shapes.build", "--out", tmp_path / "two"]
+    command += ["--train-examples", "12", "--iters", "3", "--batch-size", "4"]
+    command += ["--vision-stages", "shape:2", "color,word:2", "--processes", "2"]
+    command += ["--test-examples", "4", "--valid-examples", "8"]
+    result = subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, env=environment(), timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    two = json.loads((tmp_path / "two" / build.MANIFEST).read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # the first process alone reports: each stage once
+    assert result.stderr.count("vision stage: 2 steps") == 2
+    assert result.stderr.count("task step 3/3") == 1
+    for stage_one, stage_two in zip(one["vision_stages"], two["vision_stages"], strict=True):
+        for (step, held_out), (step_two, held_out_two) in zip(
+            stage_one["validation"], stage_two["validation"], strict=True
+        ):
+            assert step == step_two and held_out.keys() == held_out_two.keys()
+            assert np.allclose(list(held_out.values()), list(held_out_two.values()))
+    assert np.allclose(one["first_losses"], two["first_losses"], rtol=1e-4)
+    weights_one = mx.load(str(tmp_path / "one" / "model.safetensors"))
+    weights_two = mx.load(str(tmp_path / "two" / "model.safetensors"))
+    assert weights_one.keys() == weights_two.keys()
+    for name, value in weights_one.items():
+        assert mx.allclose(value, weights_two[name], rtol=2e-2, atol=2e-3).item(), name
+    assert not list(tmp_path.glob(".two.*"))
 
 
 def test_initial_position_table_is_sines_at_the_asked_scale():
@@ -399,6 +451,19 @@ def test_probe_draws_the_repeated_kinds_more_often():
     out = repeated(pool, {"position": 3, "word": 5})
     assert Counter(name for name, _ in out) == {"a": 1, "b": 3, "c": 3}
     assert repeated(pool, {}) == pool
+
+
+def test_probe_shares_a_step_among_processes_by_its_work():
+    from mlx_lfm2vl.shapes.probe import shares
+
+    # two tiled pictures (five views each) and six single views: one tiled picture each
+    costs = [5, 1, 1, 5, 1, 1, 1, 1]
+    two = shares(costs, 2)
+    assert sorted(two[0] + two[1]) == list(range(8))
+    assert [sum(costs[i] for i in share) for share in two] == [8, 8]
+    assert {0, 3} - set(two[0]) and {0, 3} - set(two[1])
+    assert shares(costs, 1) == [list(range(8))]  # one process: the step as drawn
+    assert shares([2, 2], 2) == [[0], [1]]
 
 
 def test_probe_refuses_unknown_kinds_and_odd_widths():

@@ -184,7 +184,14 @@ def write_tokenizer(folder: Path) -> int:
     tokenizer.save(str(folder / "tokenizer.json"))
     shutil.copy(FILES / "tokenizer_config.json", folder)
     shutil.copy(FILES / "special_tokens_map.json", folder)
-    return -(-(first + len(ordered)) // 64) * 64  # a multiple of 64, as published vocabularies
+    return vocab_size(folder)
+
+
+def vocab_size(folder: Path) -> int:
+    """The vocabulary size a model needs for the tokenizer in `folder`: its ids, rounded up to
+    a multiple of 64 as published vocabularies are."""
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    return -(-(max(vocab.values()) + 1) // 64) * 64
 
 
 def write_processor_files(folder: Path) -> None:
@@ -294,8 +301,13 @@ def build(
     test_examples: int = 500,
     valid_examples: int = 200,
     log=print,
-) -> dict:
+) -> dict | None:
     """Make the shapes model in `out` (replaced only when complete), working in `work`.
+
+    Under `mlx.launch` every process runs this, with one `work` folder that all of them see:
+    each step's examples are shared out among the processes (`probe.train`, `mlx_lfm2vl.train`)
+    and the first process writes the files and the model, and returns the manifest; the
+    others return None.
 
     First the vision stages, (kinds, steps) pairs: the vision tower (`vision_width` wide) and
     the projector are trained alone (`probe.train`), on each pair's kinds of question for its
@@ -319,21 +331,27 @@ def build(
             f"{out} exists and holds something other than a shapes model: choose --out"
         )
     began = time.perf_counter()
+    group = mx.distributed.init()
+    first = group.rank() == 0
+    if not first:
+        log = _silent
     data, easy = work / "data", work / "warmup-data"
-    log(
-        f"writing {train_examples} training, {warmup_iters * batch_size} warm-up and "
-        f"{valid_examples} validation examples under {work}"
-    )
-    task.write_split(data, "train", train_examples, every_question=True)
-    task.write_split(data, "valid", valid_examples)
-    if warmup_iters:
-        task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
-        os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
-        task.write_split(easy, "valid", valid_examples)
     initial = work / "initial"
-    initial.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(initial)
-    config = model_config(vocab_size, vision_width)
+    if first:
+        log(
+            f"writing {train_examples} training, {warmup_iters * batch_size} warm-up and "
+            f"{valid_examples} validation examples under {work}"
+        )
+        task.write_split(data, "train", train_examples, every_question=True)
+        task.write_split(data, "valid", valid_examples)
+        if warmup_iters:
+            task.write_split(easy, "warmup", warmup_iters * batch_size, every_question=True)
+            os.replace(easy / "warmup.jsonl", easy / "train.jsonl")  # the trainer's file names
+            task.write_split(easy, "valid", valid_examples)
+        initial.mkdir(parents=True, exist_ok=True)
+        write_tokenizer(initial)
+    _wait_for_all(group)
+    config = model_config(vocab_size(initial), vision_width)
     parameters = initial_parameters(config, seed, position_table_scale)
     vision_record = []
     for kinds, steps in vision_stages:
@@ -345,11 +363,13 @@ def build(
             train_pictures=train_examples, valid_pictures=valid_examples,
             report_every=max(steps // 4, 1), seed=seed,
             log=lambda line: log(f"vision {line} ({time.perf_counter() - began:.0f} s)"),
-            repeats=vision_repeats,
+            repeats=vision_repeats, group=group,
         )  # fmt: skip
         parameters = {**parameters, **trained}
         vision_record.append({"kinds": list(kinds), "steps": steps, "validation": history})
-    write_checkpoint(initial, parameters, mx.float32, config)
+    if first:
+        write_checkpoint(initial, parameters, mx.float32, config)
+    _wait_for_all(group)
     stages = []
     start = initial
     for name, stage_data, stage_iters, schedule in (
@@ -368,9 +388,13 @@ def build(
         )  # fmt: skip
         stages.append((name, result))
         start = work / f"{name}-model"
-        write_checkpoint(start, parameters, mx.float32, config)
-        _copy_tokenizer(initial, start)
+        if first:
+            write_checkpoint(start, parameters, mx.float32, config)
+            _copy_tokenizer(initial, start)
+        _wait_for_all(group)
 
+    if not first:
+        return None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_checkpoint(tmp, parameters, mx.bfloat16, config)
@@ -390,6 +414,7 @@ def build(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "seed": seed,
+            "processes": group.size(),
             "vision_stages": vision_record,
             "vision_width": vision_width,
             "vision_repeats": dict(vision_repeats or {}),
@@ -441,8 +466,19 @@ def _train_stage(
         report_every=50,
     )
     result = train(start, data, run, options, progress)
+    _wait_for_all(mx.distributed.init())  # the first process has written the weights
     model = load_model(start, dtype=mx.float32, adapter_path=run, backend=False)
     return result, dict(tree_flatten(model.parameters()))
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _wait_for_all(group: mx.distributed.Group) -> None:
+    """Return when every process of `group` has called this (at once for one process)."""
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
@@ -476,6 +512,71 @@ def vision_repeat(text: str) -> tuple[str, int]:
             "and TIMES at least 1 (e.g. position:4)"
         )
     return kind, int(times)
+
+
+# MLX's CPU backend computes a training step on one core (OpenBLAS's second thread gains a few
+# percent): two processes of half a step each, with one BLAS thread each, take 0.12 s for a
+# vision step of 16 pictures where one process takes 0.23 s (docs/shapes.md, "Time").
+PROCESSES_ON_CPU = 2
+
+
+def default_processes() -> int:
+    return PROCESSES_ON_CPU if mx.default_device() == mx.cpu else 1
+
+
+def launch(processes: int, arguments: Sequence[str], work: Path) -> int:
+    """Run this build with `arguments` in `processes` processes on this machine, joined by MLX's
+    ring backend over 127.0.0.1 (the environment `mlx.launch` sets: MLX_RANK, MLX_HOSTFILE);
+    returns the first failing process's exit status, or 0. A process that fails stops the
+    others, which would otherwise wait for it forever. (`mlx.launch` itself is not used: it
+    polls its processes' output without pausing, and on two cores that takes one from them.)"""
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    hostfile = work / "hosts.json"
+    first = free_ports(processes)
+    hosts = [[f"127.0.0.1:{port}"] for port in range(first, first + processes)]
+    hostfile.write_text(json.dumps(hosts))
+    # One BLAS thread a process: two processes on two cores otherwise spin against each other.
+    environment = {**os.environ, "MLX_HOSTFILE": str(hostfile), "OPENBLAS_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", __spec__.name, *arguments]
+    running = [
+        subprocess.Popen(command, env={**environment, "MLX_RANK": str(rank)})
+        for rank in range(processes)
+    ]
+    try:
+        while True:
+            codes = [process.poll() for process in running]
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed or all(code == 0 for code in codes):
+                return failed[0] if failed else 0
+            time.sleep(0.5)
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1, one for each process."""
+    import random
+    import socket
+
+    for _ in range(100):
+        start = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for taken in sockets:
+                taken.close()
+    raise SystemExit("error: no free ports on 127.0.0.1 for the processes: pass --processes 1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -521,17 +622,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="conversations a step")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
     parser.add_argument("--seed", type=int, default=0, help="data order and initial weights")
+    parser.add_argument(
+        "--valid-examples", type=int, default=200, help="validation examples (%(default)s)"
+    )
+    parser.add_argument(
+        "--test-examples", type=int, default=500, help="test questions answered (%(default)s)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=default_processes(),
+        help="processes on this machine that share each training step (default: "
+        f"{PROCESSES_ON_CPU} on MLX's CPU backend, which trains on one core a process; 1 on "
+        "a GPU)",
+    )
     args = parser.parse_args(argv)
-    for name in ("train_examples", "iters", "batch_size"):
+    for name in ("train_examples", "iters", "batch_size", "valid_examples", "test_examples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup_iters < 0:
         parser.error("--warmup-iters must be 0 (none) or more")
     if args.vision_width < 2 or args.vision_width % 2:
         parser.error("--vision-width must be an even number: the tower has two attention heads")
+    if not 1 <= args.processes <= args.batch_size:
+        parser.error("--processes must be at least 1 and at most --batch-size")
+    launched = mx.distributed.init().size() > 1
+    if launched and not args.work:
+        parser.error("under mlx.launch, pass --work: a folder every process sees")
     out = Path(args.out).expanduser().resolve()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work).expanduser() if args.work else Path(scratch)
+        if args.processes > 1 and not launched:
+            arguments = sys.argv[1:] if argv is None else list(argv)
+            sys.exit(launch(args.processes, [*arguments, "--work", str(work.resolve())], work))
         try:
             build(
                 out,
@@ -547,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
                 train_vision=args.train_vision,
                 learning_rate=args.learning_rate,
                 seed=args.seed,
+                test_examples=args.test_examples,
+                valid_examples=args.valid_examples,
                 log=lambda line: print(line, file=sys.stderr, flush=True),
             )
         except ValueError as error:
