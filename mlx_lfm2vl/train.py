@@ -19,8 +19,9 @@ Step. Each example runs alone (a prompt with images is one row) and its gradient
 the sum over the batch, divided by its assistant tokens, is the step's gradient. Under
 `mlx.launch` each process takes its share of every batch and the sums are added across processes
 (`mx.distributed`), so N processes compute the loss and gradients of the whole batch, as one
-process would. The optimizer is AdamW with bias correction (torch's AdamW); weight decay 0 by
-default, which makes it Adam.
+process would. The shares are of about equal work (`shares`, by `tokens_estimate`): every
+process waits for the slowest at each step. The optimizer is AdamW with bias correction
+(torch's AdamW); weight decay 0 by default, which makes it Adam.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .errors import Lfm2VlError
+from .image_processor import ImageProcessorSettings, plan_image
 from .lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -247,6 +249,40 @@ def encode(
         mx.array(np.flatnonzero(trained), mx.int32),
         mx.array(ids[1:][trained], mx.int32),
     )
+
+
+def shares(costs: Sequence[float], processes: int) -> list[list[int]]:
+    """The indices of `costs` shared among `processes` so that each one's total is about the
+    same (under `mlx.launch` every process waits for the slowest at each step, and a tiled
+    image costs several small ones): largest first, each to the least loaded process. With
+    positive costs the first `processes` items go one to each; one process gets them all, in
+    order."""
+    loads = [0.0] * processes
+    out: list[list[int]] = [[] for _ in range(processes)]
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        process = min(range(processes), key=lambda p: loads[p])
+        out[process].append(index)
+        loads[process] += costs[index]
+    return [sorted(indices) for indices in out]
+
+
+def tokens_estimate(example: Example, settings: ImageProcessorSettings) -> float:
+    """About how many tokens the model reads for `example`, without encoding it: its images'
+    tokens as the processor will lay them out (sizes from the files' headers) and a token for
+    every four characters of its text. What `shares` weighs a step's examples by."""
+    from PIL import Image
+
+    pixels_per_token = (settings.encoder_patch_size * settings.downsample_factor) ** 2
+    tokens = len(json.dumps(example.messages)) / 4
+    for path in example.images:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):  # encode() says what is wrong with it
+            continue
+        views = plan_image(height, width, settings).view_shapes
+        tokens += sum(h * w for h, w in views) / pixels_per_token
+    return tokens
 
 
 @lru_cache(maxsize=4)
@@ -628,6 +664,7 @@ def train(
 
     folder_of_model = resolve_model_path(model)
     processor = Processor.from_pretrained(folder_of_model)
+    image_settings = processor.image_processor.settings.replace(**options.image_options)
     for example in train_set + valid_set:  # template errors now, not at some later step
         try:
             assistant_spans(processor, example.messages)
@@ -702,7 +739,11 @@ def train(
     while step < options.iters:
         if options.lora_dropout > 0:
             mx.random.seed(options.seed * 1_000_003 + step)  # a resumed run drops the same
-        mine = batch_indices(step, options.batch_size, len(train_set), options.seed)[rank::size]
+        indices = batch_indices(step, options.batch_size, len(train_set), options.seed)
+        if size > 1:
+            costs = [tokens_estimate(train_set[i], image_settings) for i in indices]
+            indices = [indices[i] for i in shares(costs, size)[rank]]
+        mine = indices
         batch = [encode(processor, train_set[i], options.image_options) for i in mine]
         result = train_step(net, optimizer, batch, group, options.grad_clip, options.pad_batch)
         step += 1

@@ -202,14 +202,16 @@ def test_build_command_defaults_are_the_functions(monkeypatch, tmp_path):
         build, "launch", lambda processes, arguments, work: launched.update(locals()) or 0
     )
     out = str(tmp_path / "model")
-    if build.default_processes() > 1:  # MLX's CPU backend: the build shares out its steps
-        with pytest.raises(SystemExit) as exited:
-            build.main(["--out", out])
-        assert exited.value.code == 0 and not called
-        assert launched["processes"] == build.default_processes()
-        assert launched["arguments"] == ["--out", out, "--work", str(launched["work"].resolve())]
-    build.main(["--out", out, "--processes", "1"])
+    build.main(["--out", out])
     assert {k: v for k, v in called.items() if k != "log"} == defaults
+    assert not launched  # one process, as the shipped model was built
+    called.clear()
+    with pytest.raises(SystemExit) as exited:  # the processes run main() with these arguments
+        build.main(["--out", out, "--processes", "2"])
+    assert exited.value.code == 0 and not called
+    assert launched["processes"] == 2
+    work = str(launched["work"].resolve())
+    assert launched["arguments"] == ["--out", out, "--processes", "2", "--work", work]
 
 
 TINY_BUILD = {
@@ -451,19 +453,6 @@ def test_probe_draws_the_repeated_kinds_more_often():
     out = repeated(pool, {"position": 3, "word": 5})
     assert Counter(name for name, _ in out) == {"a": 1, "b": 3, "c": 3}
     assert repeated(pool, {}) == pool
-
-
-def test_probe_shares_a_step_among_processes_by_its_work():
-    from mlx_lfm2vl.shapes.probe import shares
-
-    # two tiled pictures (five views each) and six single views: one tiled picture each
-    costs = [5, 1, 1, 5, 1, 1, 1, 1]
-    two = shares(costs, 2)
-    assert sorted(two[0] + two[1]) == list(range(8))
-    assert [sum(costs[i] for i in share) for share in two] == [8, 8]
-    assert {0, 3} - set(two[0]) and {0, 3} - set(two[1])
-    assert shares(costs, 1) == [list(range(8))]  # one process: the step as drawn
-    assert shares([2, 2], 2) == [[0], [1]]
 
 
 def test_probe_refuses_unknown_kinds_and_odd_widths():

@@ -33,6 +33,8 @@ from mlx_lfm2vl.train import (
     make_optimizer,
     prepare_for_training,
     read_dataset,
+    shares,
+    tokens_estimate,
     train,
     train_step,
 )
@@ -453,3 +455,39 @@ def test_two_processes_under_mlx_launch_equal_one_on_the_whole_batch(
     assert a.keys() == b.keys()
     for name in a:
         assert np.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_processes_share_a_batch_by_its_work():
+    # two tiled pictures (five views each) and six single views: one tiled picture each
+    costs = [5, 1, 1, 5, 1, 1, 1, 1]
+    two = shares(costs, 2)
+    assert sorted(two[0] + two[1]) == list(range(8))
+    assert [sum(costs[i] for i in share) for share in two] == [8, 8]
+    assert {0, 3} - set(two[0]) and {0, 3} - set(two[1])
+    assert shares(costs, 1) == [list(range(8))]  # one process: the batch as drawn
+    assert shares([2, 2], 2) == [[0], [1]]
+
+
+def test_tokens_estimate_counts_the_image_tokens_the_processor_makes(tmp_path):
+    """`shares` weighs examples by `tokens_estimate`: its image part, read from the files'
+    headers alone, is the processor's count of image tokens, for a single view and a tiled
+    image (the shapes model's processor: 128-pixel tiles)."""
+    from mlx_lfm2vl.shapes import MODEL
+
+    processor = Processor.from_pretrained(MODEL)
+    settings = processor.image_processor.settings
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "red"},
+    ]
+    text_only = tokens_estimate(Example(messages, [], "-"), settings)
+    image_tokens = []
+    for size in ((150, 130), (600, 420)):
+        path = tmp_path / f"{size[0]}.png"
+        Image.new("RGB", size, (200, 30, 30)).save(path)
+        example = Example(messages, [path], "-")
+        encoded = encode(processor, example)
+        made = int((np.asarray(encoded.input_ids) == 396).sum())  # <image> tokens
+        assert tokens_estimate(example, settings) - text_only == made
+        image_tokens.append(made)
+    assert image_tokens[1] > 3 * image_tokens[0]  # tiles and a thumbnail against one view

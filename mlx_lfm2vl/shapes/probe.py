@@ -166,6 +166,7 @@ def train(
     from ..config import ModelConfig
     from ..image_processor import ImageProcessor, ImageProcessorSettings
     from ..models.lfm2_vl import Lfm2VlModel
+    from ..train import shares
 
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
@@ -241,20 +242,6 @@ def train(
     projector = tree_flatten(probe.multi_modal_projector.parameters())
     trained.update({f"multi_modal_projector.{k}": v for k, v in projector})
     return trained, history
-
-
-def shares(costs: Sequence[float], processes: int) -> list[list[int]]:
-    """The indices of `costs` shared among `processes` so that each one's total is about the
-    same: each process waits for the slowest at every step (a tiled picture costs five small
-    ones). Largest first, each to the least loaded process (positive costs: the first
-    `processes` items go one to each)."""
-    loads = [0.0] * processes
-    out: list[list[int]] = [[] for _ in range(processes)]
-    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        process = min(range(processes), key=lambda p: loads[p])
-        out[process].append(index)
-        loads[process] += costs[index]
-    return [sorted(indices) for indices in out]
 
 
 def _pixels(image: Image.Image, processor) -> int:
