@@ -175,6 +175,21 @@ def test_build_never_replaces_a_folder_of_something_else(tmp_path):
     assert not (tmp_path / "work").exists()  # refused before any work
 
 
+def test_build_in_processes_refuses_a_folder_of_something_else_before_starting_them(
+    monkeypatch, tmp_path, capsys
+):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"precious")
+    launched = []
+    monkeypatch.setattr(build, "launch", lambda *args: launched.append(args) or 0)
+    with pytest.raises(SystemExit) as exited:
+        build.main(["--out", str(out), "--processes", "2"])
+    assert exited.value.code == 2 and not launched
+    assert "something other than a shapes model" in capsys.readouterr().err
+    assert (out / "cat.jpg").read_bytes() == b"precious"
+
+
 def test_build_reads_vision_stages_and_names_the_form_of_a_wrong_one():
     assert build.vision_stage("shape:800") == (("shape",), 800)
     assert build.vision_stage("color,word:5") == (("color", "word"), 5)

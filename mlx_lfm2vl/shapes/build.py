@@ -1,8 +1,9 @@
 """Make the shapes model: a small LFM2-VL trained from scratch on the shapes task.
 
     python -m mlx_lfm2vl.shapes.build --out shapes-model
+    python -m mlx_lfm2vl.shapes.build --out shapes-model --processes 2   (both cores of a CPU)
 
-Steps, all deterministic for a given machine and library versions:
+Steps, all deterministic for a given machine, library versions and number of processes:
 1. write the training, stage-1 (`warmup`) and validation data as PNG files and JSONL
    conversations;
 2. write a checkpoint folder in the published Hugging Face layout with initial weights: the
@@ -325,11 +326,7 @@ def build(
     """
     if iters < 1:
         raise ValueError("iters must be at least 1: the model is trained on the whole task")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        # checked first: a build is 15 minutes, and a folder of something else is never replaced
-        raise ValueError(
-            f"{out} exists and holds something other than a shapes model: choose --out"
-        )
+    check_out(out)  # first: a build is 15 minutes, and a folder of something else is kept
     began = time.perf_counter()
     group = mx.distributed.init()
     first = group.rank() == 0
@@ -469,6 +466,14 @@ def _train_stage(
     _wait_for_all(mx.distributed.init())  # the first process has written the weights
     model = load_model(start, dtype=mx.float32, adapter_path=run, backend=False)
     return result, dict(tree_flatten(model.parameters()))
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output folder that holds something other than a shapes model."""
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ValueError(
+            f"{out} exists and holds something other than a shapes model: choose --out"
+        )
 
 
 def _silent(line: str) -> None:
@@ -649,6 +654,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work).expanduser() if args.work else Path(scratch)
         if args.processes > 1 and not launched:
+            try:
+                check_out(out)  # here, not once in every process
+            except ValueError as error:
+                parser.exit(2, f"error: {error}\n")
             arguments = sys.argv[1:] if argv is None else list(argv)
             sys.exit(launch(args.processes, [*arguments, "--work", str(work.resolve())], work))
         try:
