@@ -4,12 +4,12 @@ runs of several processes under `mlx.launch`."""
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from mlx_lfm2vl.shapes.build import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,25 +31,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for needle in needles:
         assert needle in lines[0]
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1 (the ring backend takes one
-    per rank, from `mlx.launch -p PORT` up)."""
-    for _ in range(100):
-        first = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                sockets.append(socket.socket())
-                sockets[-1].bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def launch(module: str, processes: int, *args: object) -> subprocess.CompletedProcess:

@@ -578,7 +578,7 @@ def free_ports(count: int) -> int:
         finally:
             for taken in sockets:
                 taken.close()
-    raise SystemExit("error: no free ports on 127.0.0.1 for the processes: pass --processes 1")
+    raise OSError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -659,7 +659,10 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as error:
                 parser.exit(2, f"error: {error}\n")
             arguments = sys.argv[1:] if argv is None else list(argv)
-            sys.exit(launch(args.processes, [*arguments, "--work", str(work.resolve())], work))
+            try:
+                sys.exit(launch(args.processes, [*arguments, "--work", str(work.resolve())], work))
+            except OSError as error:  # no ports, or the processes could not be started
+                parser.exit(2, f"error: {error}: try --processes 1\n")
         try:
             build(
                 out,
