@@ -187,4 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from .. import relaunch_with_fast_blas
+
+    relaunch_with_fast_blas()  # on Linux: OpenBLAS preloaded, or float32 matmuls are ~50x slower
     main()
