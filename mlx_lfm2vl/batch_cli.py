@@ -443,8 +443,9 @@ def _with_system(request: Request, system: str | None, image_token: str) -> Any:
     ]
 
 
-def _all_sum(group: Any, values: list[int]) -> list[int]:
-    """The sum over the ranks of `values`; also the barrier of an `mlx.launch` run."""
+def all_sum_ints(group: Any, values: list[int]) -> list[int]:
+    """The sum over the ranks of `values`; also the barrier of an `mlx.launch` run (the shapes
+    build's processes use it too)."""
     if group.size() == 1:
         return values
     try:
@@ -457,7 +458,7 @@ def _all_sum(group: Any, values: list[int]) -> list[int]:
 
 def _agree(group: Any, failure: Lfm2VlError | None) -> None:
     """Every rank goes on, or every rank stops: the one that failed with its error."""
-    failed = _all_sum(group, [failure is not None])[0]
+    failed = all_sum_ints(group, [failure is not None])[0]
     if failure is not None:
         raise failure
     if failed:
@@ -640,7 +641,7 @@ def _cli():
             totals = _run_with_progress(
                 engine, requests, mine, writing, defaults, system, quiet, rank, size
             )
-        todo, rows, errors, tokens = _all_sum(
+        todo, rows, errors, tokens = all_sum_ints(
             group, [len(mine), totals.rows, totals.errors, totals.tokens]
         )
         elapsed = time.perf_counter() - start

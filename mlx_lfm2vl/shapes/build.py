@@ -482,8 +482,9 @@ def _silent(line: str) -> None:
 
 def _wait_for_all(group: mx.distributed.Group) -> None:
     """Return when every process of `group` has called this (at once for one process)."""
-    if group.size() > 1:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    from ..batch_cli import all_sum_ints
+
+    all_sum_ints(group, [1])
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

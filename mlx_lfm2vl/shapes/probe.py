@@ -163,6 +163,7 @@ def train(
     validation of its share of the held-out batches, and the sums are added across processes:
     the steps of one process on the whole batch, in a fraction of the time (MLX's CPU backend
     computes a step on one core). Only the first process logs."""
+    from ..batch_cli import all_sum_ints
     from ..config import ModelConfig
     from ..image_processor import ImageProcessor, ImageProcessorSettings
     from ..models.lfm2_vl import Lfm2VlModel
@@ -199,17 +200,18 @@ def train(
         return total / answered
 
     def accuracy() -> dict[str, float]:
-        right, asked = np.zeros(len(kinds)), np.zeros(len(kinds))
+        right, asked = [0] * len(kinds), [0] * len(kinds)
         for batch in valid:
             logits = probe(batch)
             for k, kind in enumerate(kinds):
                 rows, answers = batch.answers(kind)
                 if rows:
                     guesses = logits[kind][mx.array(rows)].argmax(axis=1)
-                    right[k] += (guesses == mx.array(answers)).sum().item()
+                    right[k] += int((guesses == mx.array(answers)).sum().item())
                     asked[k] += len(rows)
-        right, asked = _summed(np.stack([right, asked]), group)
-        return {kind: float(right[k] / asked[k]) for k, kind in enumerate(kinds) if asked[k]}
+        summed = all_sum_ints(group, right + asked)  # every process's share of the pictures
+        right, asked = summed[: len(kinds)], summed[len(kinds) :]
+        return {kind: right[k] / asked[k] for k, kind in enumerate(kinds) if asked[k]}
 
     rate = learning_rate
     if warmup:
@@ -248,14 +250,6 @@ def _pixels(image: Image.Image, processor) -> int:
     """The pixels of the views the processor makes of `image`: what the tower's work grows with."""
     views = plan_image(image.height, image.width, processor.settings).view_shapes
     return sum(height * width for height, width in views)
-
-
-def _summed(values: np.ndarray, group: mx.distributed.Group) -> np.ndarray:
-    """`values` added up across the processes of `group` (as they are, for one process)."""
-    if group.size() == 1:
-        return values
-    summed = mx.distributed.all_sum(mx.array(values, mx.float32), group=group)
-    return np.array(summed).astype(np.float64)  # counts: exact in float32
 
 
 def _chunks(items: list, size: int) -> list[list]:
