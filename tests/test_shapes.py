@@ -19,7 +19,7 @@ from collections import Counter
 import mlx.core as mx
 import numpy as np
 import pytest
-from cli_checks import REPO, environment
+from cli_checks import REPO, environment, launch
 from reference import max_error, port_inputs, reference_inputs, reference_model
 
 from mlx_lfm2vl import load
@@ -451,6 +451,25 @@ def test_probe_learns_what_the_mean_of_the_image_tokens_shows():
     assert set(trained) == tower
     changed = [k for k in tower if not np.array_equal(np.asarray(trained[k]), np.asarray(start[k]))]
     assert len(changed) > len(tower) // 2
+
+
+def test_probe_centred_in_two_processes_trains_as_one_process_does():
+    """Centred classifiers subtract the mean of the whole step's pictures, half of them in the
+    other process: the mean is summed across the processes and so is its gradient (MLX's
+    `all_sum` alone would leave out the other process's part), so the losses are one process's."""
+    arguments = ["--kind", "color", "word", "--center", "color", "word", "--vision-width", 32]
+    arguments += ["--vision-layers", 1, "--steps", 6, "--batch-size", 8, "--warmup", 0]
+    arguments += ["--learning-rate", 1e-2, "--train-pictures", 40, "--valid-pictures", 16]
+    arguments += ["--report-every", 1]
+    one = subprocess.run(
+        [sys.executable, "-m", "mlx_lfm2vl.shapes.probe", *map(str, arguments)],
+        capture_output=True, text=True, env=environment(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    two = launch("mlx_lfm2vl.shapes.probe", 2, *arguments)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    losses = [re.findall(r"loss (\d+\.\d+)", run.stdout) for run in (one, two)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert len(set(losses[0])) > 3  # the model did change from step to step
 
 
 def test_probe_averages_each_picture_of_a_packed_batch_alone():

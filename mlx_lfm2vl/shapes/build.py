@@ -81,6 +81,12 @@ VISION_REPEATS = {"position": 4, "word": 2}
 # drowned the colour when the whole model learned both at once (run 13); the vision stages,
 # which learn positions first, need them at full size (at 0.1, 32% of positions after 600 steps).
 POSITION_TABLE_SCALE = 1.0
+# The kinds whose classifiers read each picture's mean image token less the mean of the step's
+# pictures (`probe.Probe`): the part every picture shares is large, and a classifier of raw means
+# spends hundreds of steps learning to see past it; words alone sat at chance for 600 steps
+# that way and reached 70% centred (docs/shapes.md, runs wc and wcp). Positions stay raw:
+# the language model reads raw tokens, and positions read centred were not read by it.
+VISION_CENTER = ()
 
 
 def model_config(vocab_size: int, vision_width: int = VISION_WIDTH) -> dict:
@@ -296,6 +302,7 @@ def build(
     vision_width: int = VISION_WIDTH,
     vision_repeats: Mapping[str, int] | None = VISION_REPEATS,
     position_table_scale: float = POSITION_TABLE_SCALE,
+    vision_center: Sequence[str] = VISION_CENTER,
     train_vision: bool = False,
     learning_rate: float = 1e-3,
     seed: int = 0,
@@ -360,7 +367,7 @@ def build(
             train_pictures=train_examples, valid_pictures=valid_examples,
             report_every=max(steps // 4, 1), seed=seed,
             log=lambda line: log(f"vision {line} ({time.perf_counter() - began:.0f} s)"),
-            repeats=vision_repeats, group=group,
+            repeats=vision_repeats, group=group, center=vision_center,
         )  # fmt: skip
         parameters = {**parameters, **trained}
         vision_record.append({"kinds": list(kinds), "steps": steps, "validation": history})
@@ -414,6 +421,7 @@ def build(
             "processes": group.size(),
             "vision_stages": vision_record,
             "vision_width": vision_width,
+            "vision_center": list(vision_center),
             "vision_repeats": dict(vision_repeats or {}),
             "position_table_scale": position_table_scale,
             "train_vision": train_vision,
@@ -620,6 +628,15 @@ def main(argv: list[str] | None = None) -> None:
         help="train the vision tower and projector in the task stages too (default: they stay "
         "as the vision stages left them)",
     )
+    parser.add_argument(
+        "--vision-center",
+        nargs="*",
+        default=list(VISION_CENTER),
+        choices=task.KINDS,
+        metavar="KIND",
+        help="kinds whose classifiers in the vision stages read each picture's mean less the "
+        "step's (default: %(default)s; none if given without any)",
+    )
     parser.add_argument("--warmup-iters", type=int, default=0, help="steps of the easy stage")
     parser.add_argument("--iters", type=int, default=300, help="steps on the whole task")
     parser.add_argument("--batch-size", type=int, default=16, help="conversations a step")
@@ -676,6 +693,7 @@ def main(argv: list[str] | None = None) -> None:
                 vision_width=args.vision_width,
                 vision_repeats=dict(args.vision_repeats),
                 position_table_scale=args.position_table_scale,
+                vision_center=tuple(args.vision_center),
                 train_vision=args.train_vision,
                 learning_rate=args.learning_rate,
                 seed=args.seed,

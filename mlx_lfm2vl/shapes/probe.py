@@ -78,10 +78,16 @@ class Probe(nn.Module):
     is how the language model sees them. (A first version read the means of the four quadrants
     of the picture's last view; the classifier then knew where every token was, the tower
     learned nothing of it, and the whole model trained after it answered 28% of position
-    questions, chance 25%: docs/shapes.md, run 20.)"""
+    questions, chance 25%: docs/shapes.md, run 20.)
 
-    def __init__(self, model, kinds: Sequence[str], seed: int = 0):
+    The classifiers of the kinds in `center` read each picture's mean less the mean of the
+    step's pictures: what the pictures share is most of each mean, and a classifier must
+    otherwise learn to see past it before the tower is told anything useful (words alone: at
+    chance for 600 steps raw, 70% centred; docs/shapes.md)."""
+
+    def __init__(self, model, kinds: Sequence[str], seed: int = 0, center: Sequence[str] = ()):
         super().__init__()
+        self.center = tuple(center)
         self.vision_tower = model.vision_tower
         self.multi_modal_projector = model.multi_modal_projector
         self._features = model.get_image_features  # uses the two modules above
@@ -96,10 +102,38 @@ class Probe(nn.Module):
             classifier.bias = mx.zeros(classifier.bias.shape)
             self.classifiers[kind] = classifier
 
-    def __call__(self, batch: Batch) -> dict[str, mx.array]:
-        """Logits (pictures, answers) of every kind, for a packed batch of pictures."""
+    def __call__(self, batch: Batch, group: mx.distributed.Group | None = None) -> dict:
+        """Logits (pictures, answers) of every kind, for a packed batch of pictures (with
+        `group`, this process's share of a step's `batch.step_pictures`)."""
         means = batch.averaging @ self._features(batch.pixel_values, batch.spatial_shapes)
-        return {kind: classifier(means) for kind, classifier in self.classifiers.items()}
+        centered = means
+        if self.center:
+            # the mean over the step's pictures, every process's share of them (a validation
+            # batch is one process's alone)
+            total = means.sum(axis=0)
+            if group is not None and group.size() > 1:
+                total = summed_across(group)(total)
+            centered = means - total / (batch.step_pictures or len(batch.labels))
+        return {
+            kind: classifier(centered if kind in self.center else means)
+            for kind, classifier in self.classifiers.items()
+        }
+
+
+def summed_across(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
+    """`mx.distributed.all_sum` over `group` whose gradient is summed across it too. (MLX's own
+    passes each process's gradient straight back: right for summed gradients, but a sum every
+    process's loss depends on needs every process's part of the gradient.)"""
+
+    @mx.custom_function
+    def all_sum(x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=group)
+
+    @all_sum.vjp
+    def all_sum_vjp(primals, cotangent: mx.array, output) -> mx.array:
+        return mx.distributed.all_sum(cotangent, group=group)
+
+    return all_sum
 
 
 @dataclass
@@ -111,6 +145,7 @@ class Batch:
     spatial_shapes: np.ndarray
     averaging: mx.array  # (pictures, tokens): each picture's mean token
     labels: list[dict[str, int]]
+    step_pictures: int = 0  # of a step shared among processes: its pictures in all
 
     @classmethod
     def pack(cls, processor, pictures: Sequence[tuple[Image.Image, dict]]) -> Batch:
@@ -151,6 +186,7 @@ def train(
     log: Callable[[str], None] = print,
     repeats: Mapping[str, int] | None = None,
     group: mx.distributed.Group | None = None,
+    center: Sequence[str] = (),
 ) -> tuple[dict[str, mx.array], list[tuple[int, dict[str, float]]]]:
     """Train the tower and projector of the model `config` from `parameters` with the probe's
     classifiers, on the "train" split's pictures that answer `kinds` (those that answer a kind
@@ -178,7 +214,7 @@ def train(
         raise ValueError(f"a step of {batch_size} pictures cannot be shared by {size} processes")
     model = Lfm2VlModel(ModelConfig.from_dict(config))
     model.load_weights(list(parameters.items()))
-    probe = Probe(model, kinds, seed)
+    probe = Probe(model, kinds, seed, center)
     processor = ImageProcessor(ImageProcessorSettings.from_dict({**build.PROCESSOR, "resample": 3}))
 
     pool = repeated(pictures(kinds, "train", train_pictures), repeats or {})
@@ -190,7 +226,7 @@ def train(
     def loss(model: Probe, batch: Batch, answered: int) -> mx.array:
         """The summed cross-entropy of this process's pictures over the answers of the whole
         step's (`answered`): the processes' shares add up to the step's mean."""
-        logits = model(batch)
+        logits = model(batch, group)
         total = mx.array(0.0)
         for kind in logits:
             rows, answers = batch.answers(kind)
@@ -226,6 +262,7 @@ def train(
         answered = sum(len(labels) for _, labels in drawn)
         mine = shares([_pixels(image, processor) for image, _ in drawn], size)[rank]
         batch = Batch.pack(processor, [drawn[i] for i in mine])
+        batch.step_pictures = batch_size
         value, gradients = value_and_grad(probe, batch, answered)
         if size > 1:
             value = mx.distributed.all_sum(value, group=group)
@@ -273,6 +310,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--valid-pictures", type=int, default=400)
     parser.add_argument("--report-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--center",
+        nargs="*",
+        default=[],
+        choices=KINDS,
+        metavar="KIND",
+        help="kinds whose classifiers read each picture's mean less the step's (none)",
+    )
+    parser.add_argument(
+        "--repeats",
+        nargs="*",
+        default=[],
+        type=build.vision_repeat,
+        metavar="KIND:TIMES",
+        help="draw the pictures of KIND TIMES as often (none)",
+    )
     args = parser.parse_args(argv)
     for name in ("vision_layers", "steps", "batch_size", "train_pictures", "valid_pictures"):
         if getattr(args, name) < 1:
@@ -294,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         args.report_every,
         args.seed,
         log=lambda line: print(f"{line} ({time.perf_counter() - began:.0f} s)", flush=True),
+        repeats=dict(args.repeats),
+        center=args.center,
     )
 
 
