@@ -59,13 +59,20 @@ PROCESSOR = {
 }
 
 
-# The default recipe (the shipped model's; docs/shapes.md, "The build" and runs 22-27). The
+# The default recipe (the shipped model's; docs/shapes.md, "The build", runs 22-27 and wcp). The
 # vision tower and projector are first trained alone (`probe.train`, VISION_BATCH pictures a
-# step): positions alone, then positions and shapes, then every kind. Inside the whole model the
-# tower learned colour and nothing else (runs 11-18): what the answers ask reaches it only through
-# the language model, which by then reads colour alone. Then the language model is trained on
-# the task with the tower frozen: trained further, the tower lost the positions (run 25).
-VISION_STAGES = ((("position",), 300), (("position", "shape"), 600), (task.KINDS, 1900))
+# step): positions alone, then positions and shapes, then words alone (the slowest kind: 70% of
+# them in these 600 steps, 50% after 2,900 steps of every kind in run r2900), then every kind.
+# Inside the whole model the tower learned colour and nothing else (runs 11-18): what the
+# answers ask reaches it only through the language model, which by then reads colour alone.
+# Then the language model is trained on the task with the tower frozen: trained further, the
+# tower lost the positions (run 25).
+VISION_STAGES = (
+    (("position",), 300),
+    (("position", "shape"), 600),
+    (("word",), 600),
+    (task.KINDS, 2300),
+)
 VISION_BATCH = 16
 # Half the width first tried: alone, it learned shapes as well (92%) in 1,000 steps, not 1,300.
 VISION_WIDTH = 64
@@ -86,7 +93,7 @@ POSITION_TABLE_SCALE = 1.0
 # spends hundreds of steps learning to see past it; words alone sat at chance for 600 steps
 # that way and reached 70% centred (docs/shapes.md, runs wc and wcp). Positions stay raw:
 # the language model reads raw tokens, and positions read centred were not read by it.
-VISION_CENTER = ()
+VISION_CENTER = ("color", "shape", "count", "word")
 
 
 def model_config(vocab_size: int, vision_width: int = VISION_WIDTH) -> dict:
@@ -530,9 +537,9 @@ def vision_repeat(text: str) -> tuple[str, int]:
 
 # MLX's CPU backend computes a training step on one core (OpenBLAS's second thread gains a few
 # percent), so on a 2-core CPU two processes of half a step each build in less time: 677 s
-# against 799 s for the default recipe (docs/shapes.md, "Time"). One process is the default:
-# the shipped model was built so, and the order of the sums changes the weights.
-PROCESSES = 1
+# against 799 s for run 28's recipe (docs/shapes.md, "Two processes"). Two is the default: the
+# shipped model was built so, and the order of the sums changes the weights.
+PROCESSES = 2
 
 
 def launch(processes: int, arguments: Sequence[str], work: Path) -> int:
@@ -601,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         default=VISION_STAGES,
         type=vision_stage,
         metavar="KINDS:STEPS",
-        help="vision stages, in order (default: position:300 position,shape:600 all:1900; "
+        help="vision stages, in order (default: position:300 position,shape:600 word:600 all:2300; "
         "none if given without any)",
     )
     parser.add_argument(
