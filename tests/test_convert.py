@@ -503,9 +503,13 @@ def test_cli_help_describes_the_command_and_version_is_the_package_version(capsy
 
 # A conversion through the real CLI (`main`) that stops once its first shard is written, so a
 # signal lands while the partial output is on disk; "writing" on stdout says it got there.
+# Ctrl-C as in a terminal: a test run started in the background by a non-interactive shell
+# (`cmd &`) hands its children SIGINT ignored, and Python then keeps ignoring it.
 BLOCKED_CLI = """
-import sys, time
+import signal, sys, time
 import mlx_lfm2vl.convert as convert
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def progress(stage, done, total):
     if stage == "write":
