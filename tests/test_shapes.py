@@ -205,6 +205,8 @@ def test_build_reads_vision_stages_and_names_the_form_of_a_wrong_one():
         build.stages_text([(("shape", "count"), 5), (build.task.KINDS, 7)]) == "shape,count:5 all:7"
     )
     assert build.vision_repeat("position:4") == ("position", 4)
+    written = build.repeats_text(build.VISION_REPEATS).split()
+    assert dict(build.vision_repeat(text) for text in written) == build.VISION_REPEATS
     for wrong in ("position", "all:4", "position,shape:2", "position:0"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not KIND:TIMES"):
             build.vision_repeat(wrong)

@@ -547,6 +547,11 @@ def vision_repeat(text: str) -> tuple[str, int]:
     return kind, int(times)
 
 
+def repeats_text(repeats: Mapping[str, int]) -> str:
+    """The command-line form of `repeats`: {"position": 4, "word": 2} -> "position:4 word:2"."""
+    return " ".join(f"{kind}:{times}" for kind, times in repeats.items())
+
+
 # MLX's CPU backend computes a training step on one core (OpenBLAS's second thread gains a few
 # percent), so on a 2-core CPU two processes of half a step each build in less time: 677 s
 # against 799 s for run 28's recipe (docs/shapes.md, "Two processes"). Two is the default: the
@@ -633,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         type=vision_repeat,
         metavar="KIND:TIMES",
         help="the vision stages draw the pictures of KIND TIMES as often "
-        "(default: position:4 word:2; none if given without any)",
+        f"(default: {repeats_text(VISION_REPEATS)}; none if given without any)",
     )
     parser.add_argument(
         "--position-table-scale",
