@@ -30,6 +30,7 @@ from mlx_lfm2vl.train import (
     TrainOptions,
     encode,
     learning_rate,
+    length_groups,
     make_optimizer,
     prepare_for_training,
     read_dataset,
@@ -182,11 +183,13 @@ def test_lora_loss_gradients_and_adamw_step_match_the_reference(checkpoint_450m,
 
 @pytest.mark.parametrize("padded", [False, True], ids=["one-by-one", "padded"])
 def test_full_fine_tune_gradients_and_adamw_step_match_the_reference(
-    checkpoint_450m, conversations, padded
+    checkpoint_450m, conversations, padded, monkeypatch
 ):
     """Every weight trained (--full --train-vision): the loss, every gradient (the tied
     embedding gets both its uses) and every weight after one AdamW step equal torch's, with the
-    batch's conversations one at a time or in one padded pass (--pad-batch)."""
+    batch's conversations one at a time or in one padded pass (--pad-batch, its length groups
+    widened to take both conversations, whose lengths differ)."""
+    monkeypatch.setattr("mlx_lfm2vl.train.PAD_LENGTH_RATIO", float("inf"))
     processor = Processor.from_pretrained(checkpoint_450m)
     batch = examples(conversations)
     options = TrainOptions(full=True, train_vision=True, learning_rate=1e-4, weight_decay=0.01)
@@ -205,6 +208,7 @@ def test_full_fine_tune_gradients_and_adamw_step_match_the_reference(
 
     encoded = [encode(processor, e) for e in batch]
     assert len({e.input_ids.size for e in encoded}) == len(encoded)  # padding is exercised
+    assert length_groups([e.input_ids.size for e in encoded]) == [[1, 0]]  # in one pass
     result = train_step(model, make_optimizer(options), encoded, padded=padded)
     assert abs(result.loss - expected_loss.item()) <= 1e-5 * expected_loss.item()
     gradients = dict(tree_flatten(result.gradients))
@@ -466,6 +470,19 @@ def test_processes_share_a_batch_by_its_work():
     assert {0, 3} - set(two[0]) and {0, 3} - set(two[1])
     assert shares(costs, 1) == [list(range(8))]  # one process: the batch as drawn
     assert shares([2, 2], 2) == [[0], [1]]
+
+
+def test_padded_passes_group_conversations_of_similar_length():
+    """--pad-batch pads a step's conversations in groups: sorted by length, each group's longest
+    within the ratio of its shortest, every conversation in exactly one group."""
+    lengths = [40, 161, 52, 100, 41, 55, 120, 90]
+    groups = length_groups(lengths, ratio=1.4)
+    assert groups == [[0, 4, 2, 5], [7, 3, 6], [1]]
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[i] for i in group) <= 1.4 * min(lengths[i] for i in group)
+    assert length_groups(lengths, ratio=10.0) == [[0, 4, 2, 5, 7, 3, 6, 1]]  # one pass
+    assert length_groups([], ratio=1.4) == []
 
 
 def test_tokens_estimate_counts_the_image_tokens_the_processor_makes(tmp_path):
