@@ -78,6 +78,16 @@ def test_questions_cover_every_kind_and_images_give_single_and_tiled_views():
     assert min(sides) < 128 and max(sides) > 512
 
 
+def test_the_kind_of_an_example_is_known_without_drawing_it():
+    """The probe's pools skip the examples whose pictures cannot answer a stage's kinds, by
+    their kind alone: the picture of each kind answers only the kinds `answerable` names."""
+    for split in ("train", "warmup", "valid"):
+        for index in range(40):
+            item = task.example(split, index)
+            assert task.kind_of(split, index) == item.kind
+            assert {kind for kind, _, _ in item.questions} <= set(task.answerable(item.kind))
+
+
 def test_answers_are_what_the_pictures_show():
     for item in task.examples("valid", 50):
         pixels = np.asarray(item.image).reshape(-1, 3)

@@ -14,6 +14,7 @@ answer, in a few minutes instead of a build's fifteen. docs/shapes.md has what i
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,10 +42,13 @@ KINDS = tuple(LABELS)
 def pictures(kinds: Sequence[str], split: str, count: int) -> list[tuple[Image.Image, dict]]:
     """The first `count` pictures of `split` that answer one of `kinds`, each with the index of
     every answer of those kinds it has."""
-    found, index = [], 0
-    while len(found) < count:
+    found = []
+    for index in itertools.count():
+        if len(found) == count:
+            break
+        if not set(kinds) & set(task.answerable(task.kind_of(split, index))):
+            continue  # not drawn: four in five pictures are of shapes, and drawing takes time
         item = task.example(split, index)
-        index += 1
         labels = {k: LABELS[k].index(answer) for k, _, answer in item.questions if k in kinds}
         if labels:
             found.append((item.image, labels))

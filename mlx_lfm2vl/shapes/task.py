@@ -89,8 +89,7 @@ def example(split: str, index: int) -> Example:
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     rng = np.random.default_rng([SPLITS[split], index])
-    kinds = WARMUP_KINDS if split == "warmup" else KINDS
-    kind = kinds[index % len(kinds)]  # every kind equally often, in every split
+    kind = kind_of(split, index)
     size = _image_size(rng)
     if kind == "word":
         word = WORDS[rng.integers(len(WORDS))]
@@ -117,6 +116,18 @@ def example(split: str, index: int) -> Example:
             questions.append(("position", "Where is the shape?", quadrant))
     _, question, answer = next(q for q in questions if q[0] == kind)
     return Example(image, question, answer, kind, tuple(questions))
+
+
+def kind_of(split: str, index: int) -> str:
+    """The kind of question example `index` of `split` asks, without drawing it."""
+    kinds = WARMUP_KINDS if split == "warmup" else KINDS
+    return kinds[index % len(kinds)]  # every kind equally often, in every split
+
+
+def answerable(kind: str) -> tuple[str, ...]:
+    """The kinds of question a picture drawn for a question of `kind` can answer: a word's
+    picture only its word; a picture of shapes its colour, shape, count and perhaps position."""
+    return ("word",) if kind == "word" else ("color", "shape", "count", "position")
 
 
 def examples(split: str, count: int, start: int = 0) -> Iterator[Example]:
