@@ -37,6 +37,9 @@ LABELS = {
     "word": task.WORDS,
 }
 KINDS = tuple(LABELS)
+# Steps' worth of pictures whose mean tokens fit a stage's classifiers before its tower trains
+# (`train`'s classifier_steps).
+FITTING_BATCHES = 32
 
 
 def pictures(kinds: Sequence[str], split: str, count: int) -> list[tuple[Image.Image, dict]]:
@@ -106,10 +109,15 @@ class Probe(nn.Module):
             classifier.bias = mx.zeros(classifier.bias.shape)
             self.classifiers[kind] = classifier
 
+    def means(self, batch: Batch) -> mx.array:
+        """(pictures, width): each picture's mean image token."""
+        return batch.averaging @ self._features(batch.pixel_values, batch.spatial_shapes)
+
     def __call__(self, batch: Batch, group: mx.distributed.Group | None = None) -> dict:
         """Logits (pictures, answers) of every kind, for a packed batch of pictures (with
-        `group`, this process's share of a step's `batch.step_pictures`)."""
-        means = batch.averaging @ self._features(batch.pixel_values, batch.spatial_shapes)
+        `group`, this process's share of a step's `batch.step_pictures`), from its pictures'
+        mean tokens as `batch.means` holds them or as the tower makes them."""
+        means = self.means(batch) if batch.means is None else batch.means
         centered = means
         if self.center:
             # the mean over the step's pictures, every process's share of them (a validation
@@ -150,6 +158,7 @@ class Batch:
     averaging: mx.array  # (pictures, tokens): each picture's mean token
     labels: list[dict[str, int]]
     step_pictures: int = 0  # of a step shared among processes: its pictures in all
+    means: mx.array | None = None  # the pictures' mean tokens, once computed and kept
 
     @classmethod
     def pack(cls, processor, pictures: Sequence[tuple[Image.Image, dict]]) -> Batch:
@@ -191,6 +200,8 @@ def train(
     repeats: Mapping[str, int] | None = None,
     group: mx.distributed.Group | None = None,
     center: Sequence[str] = (),
+    classifier_steps: int = 0,
+    classifier_rate: float = 1e-2,
 ) -> tuple[dict[str, mx.array], list[tuple[int, dict[str, float]]]]:
     """Train the tower and projector of the model `config` from `parameters` with the probe's
     classifiers, on the "train" split's pictures that answer `kinds` (those that answer a kind
@@ -202,7 +213,14 @@ def train(
     draws the same pictures, computes the loss and gradients of its share of them and the
     validation of its share of the held-out batches, and the sums are added across processes:
     the steps of one process on the whole batch, in a fraction of the time (MLX's CPU backend
-    computes a step on one core). Only the first process logs."""
+    computes a step on one core). Only the first process logs.
+
+    With `classifier_steps`, the classifiers are first fitted alone for that many steps (at
+    `classifier_rate`), the tower and projector frozen, on the mean tokens of FITTING_BATCHES
+    steps' pictures, made once: trained through classifiers still at their random weights, the
+    tower follows their noise for hundreds of steps (AdamW moves each weight by about the rate,
+    whatever the gradient). Fitted first, they tell it something from the start: the stages
+    mostly learned sooner, and the whole model answered more (docs/shapes.md, runs lp300)."""
     from ..batch_cli import all_sum_ints
     from ..config import ModelConfig
     from ..image_processor import ImageProcessor, ImageProcessorSettings
@@ -253,20 +271,21 @@ def train(
         right, asked = summed[: len(kinds)], summed[len(kinds) :]
         return {kind: right[k] / asked[k] for k, kind in enumerate(kinds) if asked[k]}
 
-    rate = learning_rate
-    if warmup:
-        warm = optim.linear_schedule(learning_rate * 0.01, learning_rate, warmup)
-        rate = optim.join_schedules([warm, lambda _: learning_rate], [warmup])
-    optimizer = optim.AdamW(learning_rate=rate, weight_decay=0.0, bias_correction=True)
-    value_and_grad = nn.value_and_grad(probe, loss)
     order = np.random.default_rng(seed)
-    history, losses = [], []
-    for step in range(1, steps + 1):
+
+    def next_batch() -> tuple[Batch, int]:
+        """This process's share of the next step's pictures, and the step's answers in all."""
         drawn = [pool[i] for i in order.integers(len(pool), size=batch_size)]
         answered = sum(len(labels) for _, labels in drawn)
         mine = shares([_pixels(image, processor) for image, _ in drawn], size)[rank]
         batch = Batch.pack(processor, [drawn[i] for i in mine])
         batch.step_pictures = batch_size
+        return batch, answered
+
+    value_and_grad = nn.value_and_grad(probe, loss)
+
+    def step(optimizer: optim.Optimizer, batch: Batch, answered: int) -> float:
+        """One step of the probe's trainable parameters; the step's mean loss."""
         value, gradients = value_and_grad(probe, batch, answered)
         if size > 1:
             value = mx.distributed.all_sum(value, group=group)
@@ -274,12 +293,38 @@ def train(
             gradients = tree_map(lambda g: g * size, nn.average_gradients(gradients, group=group))
         optimizer.update(probe, gradients)
         mx.eval(probe.parameters(), optimizer.state)
-        losses.append(value.item())
-        if step % report_every == 0 or step == steps:
-            history.append((step, accuracy()))
-            kinds_line = ", ".join(f"{k} {v:.1%}" for k, v in history[-1][1].items())
-            if rank == 0:
-                log(f"step {step}/{steps}: loss {np.mean(losses):.3f}, held-out {kinds_line}")
+        return value.item()
+
+    def report(number: int, losses: list[float], what: str = "") -> None:
+        history.append((number, accuracy()))
+        kinds_line = ", ".join(f"{k} {v:.1%}" for k, v in history[-1][1].items())
+        if rank == 0:
+            log(f"step {number}/{steps}{what}: loss {np.mean(losses):.3f}, held-out {kinds_line}")
+
+    history = []
+    if classifier_steps:
+        # the classifiers fitted on the mean tokens of FITTING_BATCHES steps' pictures, made
+        # once by the frozen tower and gone over again and again
+        fitting = [next_batch() for _ in range(FITTING_BATCHES)]
+        for batch, _ in fitting:
+            batch.means = probe.means(batch)
+            mx.eval(batch.means)
+        probe.vision_tower.freeze()
+        probe.multi_modal_projector.freeze()
+        adam = optim.Adam(learning_rate=classifier_rate)
+        losses = [step(adam, *fitting[n % len(fitting)]) for n in range(classifier_steps)]
+        probe.unfreeze()
+        report(0, losses, f" (classifiers alone, {classifier_steps} steps)")
+    rate = learning_rate
+    if warmup:
+        warm = optim.linear_schedule(learning_rate * 0.01, learning_rate, warmup)
+        rate = optim.join_schedules([warm, lambda _: learning_rate], [warmup])
+    optimizer = optim.AdamW(learning_rate=rate, weight_decay=0.0, bias_correction=True)
+    losses = []
+    for number in range(1, steps + 1):
+        losses.append(step(optimizer, *next_batch()))
+        if number % report_every == 0 or number == steps:
+            report(number, losses)
             losses = []
     trained = {f"vision_tower.{k}": v for k, v in tree_flatten(probe.vision_tower.parameters())}
     projector = tree_flatten(probe.multi_modal_projector.parameters())
@@ -323,6 +368,12 @@ def main(argv: list[str] | None = None) -> None:
         help="kinds whose classifiers read each picture's mean less the step's (none)",
     )
     parser.add_argument(
+        "--classifier-steps",
+        type=int,
+        default=0,
+        help="steps that first fit the classifiers alone, the tower frozen (%(default)s)",
+    )
+    parser.add_argument(
         "--repeats",
         nargs="*",
         default=[],
@@ -334,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("vision_layers", "steps", "batch_size", "train_pictures", "valid_pictures"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.classifier_steps < 0:
+        parser.error("--classifier-steps must be 0 (none) or more")
     if args.vision_width < 2 or args.vision_width % 2:
         parser.error("--vision-width must be an even number: the tower has two attention heads")
     config = probe_config(args.vision_width, args.vision_layers)
@@ -353,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         log=lambda line: print(f"{line} ({time.perf_counter() - began:.0f} s)", flush=True),
         repeats=dict(args.repeats),
         center=args.center,
+        classifier_steps=args.classifier_steps,
     )
 
 
