@@ -286,8 +286,15 @@ def test_build_in_two_processes_trains_as_one_process_does(tmp_path):
     weights_one = mx.load(str(tmp_path / "one" / "model.safetensors"))
     weights_two = mx.load(str(tmp_path / "two" / "model.safetensors"))
     assert weights_one.keys() == weights_two.keys()
+    # AdamW moves a weight by up to about the learning rate (1e-3) a step whatever the size of
+    # its gradient, so a weight whose gradient is near 0 may step one way in one order of the
+    # sums and the other way in the other: each weight within that over the 3 task steps, and
+    # all but a few in a million much closer (one of 2.0M, measured with MLX's reference BLAS)
+    differ = 0
     for name, value in weights_one.items():
-        assert mx.allclose(value, weights_two[name], rtol=2e-2, atol=2e-3).item(), name
+        assert mx.allclose(value, weights_two[name], rtol=2e-2, atol=6e-3).item(), name
+        differ += (~mx.isclose(value, weights_two[name], rtol=2e-2, atol=2e-3)).sum().item()
+    assert differ <= 1e-5 * sum(value.size for value in weights_one.values())
     assert not list(tmp_path.glob(".two.*"))
 
 
